@@ -1,0 +1,34 @@
+# Everything a newcomer needs: `make test`, `make lint`, `make demo`, `make bench`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-fast lint demo bench test-vllm clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# CPU torch first, from the local wheel: anything letting pip pick torch freely downloads a CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not multiprocess" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check trl_selfplay tests scripts benchmarks
+	$(PY) -m ruff format --check trl_selfplay tests scripts benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,128 @@
+"""Tiny models and tokenizers built locally, for smoke tests without a GPU or the Hugging Face Hub.
+
+Everything here is saved to a directory and meant to be loaded back *by path* with the ordinary
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, exactly as a user's model would be.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+# ChatML-style template: the rendered prompt (with the generation prompt) is a prefix of prompt + answer,
+# which TRL's tokenisation relies on.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+DEFAULT_CORPUS = """
+The quick brown fox jumps over the lazy dog. A model learns to tell its own answers from the annotated ones.
+Self-play fine-tuning turns a weak language model into a stronger one, iteration after iteration.
+What is the capital of France? The capital of France is Paris. How many legs does a spider have? Eight.
+Write a short poem about the sea. The sea is wide and blue, the waves come in and go out again.
+Explain gravity to a child. Things fall down because the Earth pulls them towards its centre.
+user assistant system hello thank you please answer question response instruction prompt
+0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 + - * / = ( ) . , ! ? : ; ' "
+one two three four five six seven eight nine ten red green blue yellow cat dog bird fish tree house
+"""
+
+
+def _train_tokenizer(corpus: Iterable[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        model_max_length=2048,
+    )
+
+
+def make_tiny_causal_lm(
+    path: str | os.PathLike,
+    vocab_corpus: Iterable[str] | str | None = None,
+    *,
+    architecture: str = "qwen2",
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Build and save a tiny random causal LM plus a locally trained byte-level BPE tokenizer.
+
+    Args:
+        path: directory to write `config.json`, weights, `tokenizer.json` and the chat template to.
+        vocab_corpus: text the tokenizer is trained on (a string or an iterable of strings); a small built-in
+            English corpus when `None`.
+        architecture: `"qwen2"` or `"llama"`.
+        vocab_size: target BPE vocabulary size (the trained vocabulary can be smaller on a tiny corpus).
+        hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size: model shape.
+            The default head dimension is 32, the smallest vLLM's CPU attention accepts.
+        seed: seed of the random initialisation, so the same call builds the same weights.
+
+    Returns:
+        The directory, loadable offline with `AutoModelForCausalLM.from_pretrained(path)` and
+        `AutoTokenizer.from_pretrained(path)`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if vocab_corpus is None:
+        vocab_corpus = DEFAULT_CORPUS
+    if isinstance(vocab_corpus, str):
+        vocab_corpus = vocab_corpus.splitlines()
+    tokenizer = _train_tokenizer(vocab_corpus, vocab_size)
+
+    if architecture not in ("qwen2", "llama"):
+        raise ValueError(f"`architecture` must be 'qwen2' or 'llama', got {architecture!r}.")
+    config = AutoConfig.for_model(
+        architecture,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads or num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
