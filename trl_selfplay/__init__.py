@@ -18,7 +18,18 @@ _EXPORTS = {
     "generate_completions": "trl_selfplay.generation",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "IRISConfig",
+    "IRISTrainer",
+    "PairRMJudge",
+    "RSPOConfig",
+    "RSPOTrainer",
+    "RewardFunctionJudge",
+    "SPINConfig",
+    "SPINTrainer",
+    "__version__",
+    "generate_completions",
+]
 
 if TYPE_CHECKING:
     from trl_selfplay.generation import generate_completions
