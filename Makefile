@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast lint demo bench test-vllm clean
+.PHONY: install test test-fast lint demo bench bench-trainers bench-judge bench-generation test-vllm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,25 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check trl_selfplay tests scripts benchmarks
 	$(PY) -m ruff format --check trl_selfplay tests scripts benchmarks
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+# Benchmarks write their tables to stdout and to benchmarks/results/*.json; RESULTS.md records them.
+bench: bench-trainers bench-judge bench-generation
+
+bench-trainers: $(STAMP)
+	$(PY) benchmarks/bench_trainers.py
+
+bench-judge: $(STAMP)
+	$(PY) benchmarks/bench_judge.py
+
+bench-generation: $(STAMP)
+	$(PY) benchmarks/bench_generation.py
+
+# vLLM pins torch/transformers differently from the core, so it gets its own venv (CPU build of vLLM).
+test-vllm:
+	bash tests/vllm/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
