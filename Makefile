@@ -37,7 +37,7 @@ demo: $(STAMP)
 bench: bench-trainers bench-judge bench-generation
 
 bench-trainers: $(STAMP)
-	$(PY) benchmarks/bench_trainers.py
+	$(PY) benchmarks/bench_step.py
 
 bench-judge: $(STAMP)
 	$(PY) benchmarks/bench_judge.py
