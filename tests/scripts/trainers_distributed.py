@@ -1,0 +1,151 @@
+"""Launched by tests/test_trainers_distributed.py with `accelerate launch` (also imported by it for the
+single-process reference run).
+
+    accelerate launch --config_file tests/configs/<cfg>.yaml tests/scripts/trainers_distributed.py \
+        iris-grad <policy_path> <ref_path> <out_file>
+    accelerate launch --config_file tests/configs/<cfg>.yaml tests/scripts/trainers_distributed.py \
+        smoke <policy_path> <out_file>
+"""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+
+from trl_selfplay import IRISConfig, IRISTrainer, SPINConfig, SPINTrainer  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "Hello",
+    "Write a poem.",
+    "Explain gravity to a child.",
+    "one two three",
+    "red green blue",
+    "thank you",
+]
+REAL = [
+    " Paris.",
+    " Eight.",
+    " hello thank you",
+    " The sea is wide.",
+    " Things fall down.",
+    " four",
+    " yellow",
+    " please",
+]
+GENERATED = [" London", " one two", " dog", " cat fish", " The Earth pulls.", " five six", " tree", " house bird"]
+COMMON = dict(report_to="none", gradient_checkpointing=False, save_strategy="no", seed=0, logging_steps=1)
+
+
+def dataset(directory: str) -> Dataset:
+    """The dataset saved to and loaded from disk: TRL's reference precompute shares its result between processes
+    through a cache file next to the dataset's files, which an in-memory dataset lacks (one temp dir per process)."""
+    from accelerate import PartialState
+    from datasets import load_from_disk
+
+    path = os.path.join(directory, "dataset")
+    with PartialState().main_process_first():
+        if not os.path.exists(path):
+            Dataset.from_dict({"prompt": PROMPTS, "chosen": REAL, "rejected": GENERATED}).save_to_disk(path)
+    return load_from_disk(path)
+
+
+class _GradCapture(TrainerCallback):
+    """Copies the (already all-reduced) gradients just before the first optimizer step."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def iris_gradient(policy_path: str, ref_path: str, out_dir: str, per_device_batch: int) -> dict:
+    """One IRIS step on the whole 8-example dataset as ONE global batch; returns gradients and the logged loss."""
+    args = IRISConfig(
+        out_dir,
+        alpha=2.0,
+        beta=1.0,
+        per_device_train_batch_size=per_device_batch,
+        max_steps=1,
+        max_grad_norm=0.0,
+        precompute_ref_log_probs=True,
+        **COMMON,
+    )
+    capture = _GradCapture()
+    trainer = IRISTrainer(
+        policy_path,
+        ref_model=AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32),
+        args=args,
+        train_dataset=dataset(out_dir),
+        processing_class=AutoTokenizer.from_pretrained(policy_path),
+        callbacks=[capture],
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    return {
+        "grads": capture.grads,
+        "loss": logs["loss"],
+        "objective": logs["iris/objective"],
+        "ess_real": logs["iris/ess_real"],
+        "ess_generated": logs["iris/ess_generated"],
+        "world_size": trainer.accelerator.num_processes,
+    }
+
+
+def smoke(policy_path: str, out_dir: str) -> dict:
+    """A few SPIN steps (precomputed reference, LoRA-free full fine-tuning) under whatever launcher runs us."""
+    args = SPINConfig(
+        out_dir,
+        per_device_train_batch_size=2,
+        max_steps=3,
+        learning_rate=1e-3,
+        precompute_ref_log_probs=True,
+        **COMMON,
+    )
+    trainer = SPINTrainer(
+        policy_path,
+        args=args,
+        train_dataset=dataset(out_dir),
+        processing_class=AutoTokenizer.from_pretrained(policy_path),
+    )
+    before = {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    changed = sum(not torch.equal(p.detach().cpu(), before[n]) for n, p in model.named_parameters())
+    return {
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "changed": changed,
+        "num_params": len(before),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "deepspeed": trainer.is_deepspeed_enabled,
+        "world_size": trainer.accelerator.num_processes,
+        "ref_model_is_none": trainer.ref_model is None,
+    }
+
+
+def main() -> None:
+    mode, *rest = sys.argv[1:]
+    out_file = rest[-1]
+    out_dir = os.path.join(os.path.dirname(out_file), f"run-{mode}")
+    if mode == "iris-grad":
+        result = iris_gradient(rest[0], rest[1], out_dir, per_device_batch=4)
+    elif mode == "smoke":
+        result = smoke(rest[0], out_dir)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        torch.save(result, out_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Drop-in TRL trainers for self-play fine-tuning (SPIN, IRIS, RSPO) and their shared base."""
+
+from trl_selfplay.trainers.base import SelfPlayBatch, SelfPlayConfig, SelfPlayTrainerBase
+from trl_selfplay.trainers.iris import IRISConfig, IRISTrainer
+from trl_selfplay.trainers.rspo import DataCollatorForRSPO, RSPOConfig, RSPOTrainer
+from trl_selfplay.trainers.spin import SPINConfig, SPINTrainer
+
+__all__ = [
+    "DataCollatorForRSPO",
+    "IRISConfig",
+    "IRISTrainer",
+    "RSPOConfig",
+    "RSPOTrainer",
+    "SPINConfig",
+    "SPINTrainer",
+    "SelfPlayBatch",
+    "SelfPlayConfig",
+    "SelfPlayTrainerBase",
+]

@@ -1,0 +1,517 @@
+"""Shared base of the self-play trainers: turns a preference batch into per-sequence log-probs of the policy and
+the reference, then hands them to one method hook, `selfplay_loss`.
+
+It subclasses `trl.DPOTrainer` and overrides only `_compute_loss`, `compute_ref_log_probs` (which TRL's
+`precompute_ref_log_probs` calls) and `_precompute_ref_logps` (to accept reference columns supplied with the
+dataset), so TRL's tokenisation, collator, reference handling (resident model, precomputed
+columns, PEFT with adapters disabled), DeepSpeed/FSDP preparation and metric logging are reused unchanged.
+
+Log-prob path (`logprob_impl`): TRL 1.16 patches the model with `trl.trainer.utils.add_fused_lm_head`, a chunked
+LM head that recomputes the vocabulary projection in backward and, off Triton devices, scores every position
+(prompt and padding included), always with the metric-only outputs (entropy, mean logits, top-1) on. On CPU, and
+whenever the completion logits fit in memory, projecting only the completion positions through the LM head and
+taking `log_softmax` + gather is faster (DESIGN.md §7). We re-patch the forward (`install_selfplay_head`) to offer
+both paths and to compute the metric-only outputs only on logging steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, get_config_model_id, use_adapter
+
+logger = get_logger(__name__)
+
+LOGPROB_IMPLS = ("auto", "fused", "direct")
+METRIC_OUTPUT_MODES = ("logging_steps", "always", "never")
+_METRIC_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+# Batch keys the causal LM forward accepts; everything else in a collated batch is a column for the loss.
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+# Config attributes that rescale the logits; TRL's fused head applies them, the direct path does not.
+_LOGIT_SCALE_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def _has_bf16_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+@dataclass
+class SelfPlayConfig(DPOConfig):
+    r"""
+    Configuration shared by [`SPINConfig`], [`IRISConfig`] and [`RSPOConfig`]. Everything of
+    [`~trl.DPOConfig`] applies, with these differences:
+
+    - `loss_type` takes the method's own loss names, plus optionally `"sft"` (TRL's multi-loss convention, weighted
+      by `loss_weights`): e.g. `loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0]` adds an NLL anchor on the
+      chosen (annotated) response, which keeps its likelihood from falling (DESIGN.md §7).
+    - `bf16` left unset defaults to `True` only when a CUDA/XPU device is present (TRL turns it on everywhere,
+      which fails on CPU-only machines).
+    - `ld_alpha`, `use_weighting` and a non-default `f_divergence_type` are DPO-specific and rejected.
+
+    Parameters:
+        logprob_impl (`str`, *optional*, defaults to `"auto"`):
+            How per-token log-probs are computed. `"fused"`: TRL's chunked fused LM head (`add_fused_lm_head`), which
+            never materializes the logits. `"direct"`: run the backbone, project only the completion positions
+            through the LM head and gather the log-probs (no logits for prompt or padding positions). `"auto"`:
+            fused on CUDA devices with Triton or when the completion logits would exceed
+            `logprob_auto_max_logits_bytes`, direct otherwise (the choice is logged once).
+        logprob_auto_max_logits_bytes (`int`, *optional*, defaults to `2**30`):
+            With `logprob_impl="auto"`, the largest float32 completion-logit tensor (completion tokens × vocabulary
+            × 4 bytes) the direct path may build; larger batches use the fused path.
+        metric_outputs (`str`, *optional*, defaults to `"logging_steps"`):
+            When to compute the metric-only outputs `entropy`, `logits/chosen`, `logits/rejected` and
+            `mean_token_accuracy`: `"logging_steps"` (training steps that log, and evaluation), `"always"` (every
+            step, as TRL does) or `"never"`.
+    """
+
+    # Method loss names accepted in `loss_type` besides "sft"; set by each subclass.
+    _method_loss_types: ClassVar[tuple[str, ...]] = ()
+
+    logprob_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "How per-token log-probs are computed: 'fused' (TRL's chunked LM head), 'direct' (project only "
+            "the completion positions through the LM head) or 'auto' (fused on Triton devices or for very large "
+            "logits, direct otherwise).",
+            "choices": list(LOGPROB_IMPLS),
+        },
+    )
+    logprob_auto_max_logits_bytes: int = field(
+        default=2**30,
+        metadata={
+            "help": "With logprob_impl='auto', the largest float32 completion-logit tensor (tokens x vocab x 4 "
+            "bytes) the direct path may build; larger batches use the fused path."
+        },
+    )
+    metric_outputs: str = field(
+        default="logging_steps",
+        metadata={
+            "help": "When to compute entropy, mean logits and top-1 accuracy: 'logging_steps', 'always' or 'never'.",
+            "choices": list(METRIC_OUTPUT_MODES),
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type)
+        allowed = (*self._method_loss_types, "sft")
+        unknown = [name for name in self.loss_type if name not in allowed]
+        if unknown:
+            raise ValueError(
+                f"`loss_type` contains {unknown}, which {type(self).__name__} does not support. Use one of "
+                f"{list(self._method_loss_types)}, optionally together with 'sft' (e.g. "
+                f"loss_type=['{self._method_loss_types[0]}', 'sft'])."
+            )
+        method_types = [name for name in self.loss_type if name != "sft"]
+        if len(method_types) != 1 or len(set(self.loss_type)) != len(self.loss_type):
+            raise ValueError(
+                f"`loss_type` must name exactly one of {list(self._method_loss_types)} (plus optionally 'sft', "
+                f"each once), got {self.loss_type}."
+            )
+        if self.logprob_impl not in LOGPROB_IMPLS:
+            raise ValueError(f"`logprob_impl` must be one of {list(LOGPROB_IMPLS)}, got {self.logprob_impl!r}.")
+        if self.metric_outputs not in METRIC_OUTPUT_MODES:
+            raise ValueError(
+                f"`metric_outputs` must be one of {list(METRIC_OUTPUT_MODES)}, got {self.metric_outputs!r}."
+            )
+        if not (isinstance(self.logprob_auto_max_logits_bytes, int) and self.logprob_auto_max_logits_bytes > 0):
+            raise ValueError(
+                f"`logprob_auto_max_logits_bytes` must be a positive integer, got {self.logprob_auto_max_logits_bytes!r}."
+            )
+        for name, default in (("ld_alpha", None), ("use_weighting", False), ("f_divergence_type", "reverse_kl")):
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"`{name}` is a DPO-specific option that {type(self).__name__} does not support; leave it at "
+                    f"its default ({default!r})."
+                )
+        if self.bf16 is None and not self.fp16 and not _has_bf16_accelerator():
+            self.bf16 = False  # TRL's bf16=True default fails on CPU-only machines
+        super().__post_init__()
+
+
+@dataclass
+class SelfPlayBatch:
+    """Per-sequence tensors of one (local) batch, as handed to `SelfPlayTrainerBase.selfplay_loss`.
+
+    `chosen` = annotated (real) response for SPIN/IRIS, highest-scored sample for RSPO; `rejected` = generated /
+    lowest-scored one. Log-probs are sums over completion tokens; `policy_*` carry gradients, `ref_*` do not.
+    `columns` holds the collated batch, so trainers read their extra columns (e.g. win probabilities) from it.
+    """
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    columns: Mapping[str, Any]
+    mode: str = "train"
+
+
+def _direct_log_probs(model, want_metrics: bool, input_ids, labels, **kwargs) -> FusedCausalLMOutput:
+    """Backbone forward, then the LM head on the completion positions only (`labels != -100` after the shift)."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "return_dict"}
+    kwargs["use_cache"] = False
+    hidden_states = model.base_model(input_ids=input_ids, **kwargs).last_hidden_state[:, :-1]
+    labels = labels[:, 1:]
+    mask = labels != -100
+    lm_head = model.get_output_embeddings()
+    # The module call (not `F.linear` on the weight) keeps DeepSpeed ZeRO-3 parameter gathering working.
+    logits = lm_head(hidden_states[mask]).float()
+    targets = labels[mask]
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_probs = token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)
+    entropy = mean_logits = is_top1 = None
+    if want_metrics:
+        with torch.no_grad():
+            detached = logits.detach()
+            probs_log = torch.log_softmax(detached, dim=-1)
+            entropy = mask.new_zeros(mask.shape, dtype=detached.dtype).masked_scatter(
+                mask, -(probs_log.exp() * probs_log).sum(-1)
+            )
+            mean_logits = mask.new_zeros(mask.shape, dtype=detached.dtype).masked_scatter(mask, detached.mean(-1))
+            is_top1 = mask.new_zeros(mask.shape).masked_scatter(mask, detached.argmax(-1) == targets)
+    return FusedCausalLMOutput(
+        loss=-log_probs.sum() / mask.sum().clamp(min=1),
+        log_probs=log_probs,
+        entropy=entropy,
+        mean_logits=mean_logits,
+        is_top1=is_top1,
+        label_mask=mask,
+    )
+
+
+def install_selfplay_head(model) -> None:
+    """Patch `model.forward` (a causal LM, not a PEFT wrapper) to accept `selfplay_logps="fused"|"direct"` and
+    `selfplay_metrics=bool` (with `labels`), returning a `FusedCausalLMOutput`. Calls without `selfplay_logps` keep
+    TRL's behaviour (`fused_lm_head=True` works as in `DPOTrainer`). Idempotent; going through `model.forward`
+    (rather than calling the backbone directly) keeps DDP, DeepSpeed and PEFT wrappers in the loop."""
+    current = model.__dict__.get("forward")
+    if current is not None and getattr(current, "_selfplay_head", False):
+        return
+    model.__dict__.pop("forward", None)  # drop TRL's (or an older) patch, back to the class forward
+    # Two TRL fused heads: log-probs only, and with the metric-only outputs `DPOTrainer` requests on every call.
+    add_fused_lm_head(model, outputs=("log_probs",))
+    fused_plain = model.__dict__.pop("forward")
+    add_fused_lm_head(model, outputs=_METRIC_OUTPUTS)
+    fused_metrics = model.__dict__.pop("forward")
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, selfplay_logps=None, selfplay_metrics=False, **kwargs):
+        if selfplay_logps is None:
+            return fused_metrics(*args, **kwargs)
+        if selfplay_logps == "fused":
+            return (fused_metrics if selfplay_metrics else fused_plain)(*args, fused_lm_head=True, **kwargs)
+        if selfplay_logps == "direct":
+            return _direct_log_probs(self, selfplay_metrics, *args, **kwargs)
+        raise ValueError(f"Unknown selfplay_logps={selfplay_logps!r}; expected 'fused' or 'direct'.")
+
+    forward._selfplay_head = True
+    model.forward = types.MethodType(forward, model)
+
+
+def _unwrap(module):
+    """The causal LM under DDP/DeepSpeed (`.module`) and PEFT (`get_base_model`) wrappers."""
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    if is_peft_model(module):
+        module = module.get_base_model()
+    return module
+
+
+class SelfPlayTrainerBase(DPOTrainer):
+    """`trl.DPOTrainer` with the loss replaced by `selfplay_loss(batch) -> (loss, metrics)`.
+
+    Subclasses set `config_class` and implement `selfplay_loss`. Metrics returned as tensors are gathered across
+    processes and averaged; plain floats are logged as given (the hook has already made them global).
+    """
+
+    config_class: ClassVar[type[SelfPlayConfig]] = SelfPlayConfig
+    _tag_names = ["trl", "trl_selfplay"]
+    _name = "SelfPlay"
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: SelfPlayConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = self.config_class(f"{model_name.split('/')[-1]}-{self._name}")
+        if not isinstance(args, self.config_class):
+            raise TypeError(
+                f"`args` must be a {self.config_class.__name__} (got {type(args).__name__}); build it with "
+                f"{self.config_class.__name__}(...) using the same fields as DPOConfig."
+            )
+        # Checks on the data run before any model is loaded.
+        self._validate_datasets(args, train_dataset, eval_dataset)
+        self._ref_model_given = ref_model is not None
+        self._logprob_choices_logged: set[str] = set()
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self._install_heads()
+        self.method_loss_type = next(name for name in self.loss_types if name != "sft")
+        self._post_init()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Hooks for subclasses
+    def _validate_datasets(self, args, train_dataset, eval_dataset) -> None:
+        """Raise a ValueError for unusable data before any model work (subclasses extend)."""
+        if train_dataset is not None:
+            first = next(iter(train_dataset))
+            if "image" in first or "images" in first:
+                raise ValueError(
+                    "The self-play trainers support text-only datasets; `train_dataset` has an 'image'/'images' "
+                    "column. Use `trl.DPOTrainer` for vision-language preference data."
+                )
+
+    def _post_init(self) -> None:
+        """Runs at the end of `__init__`, once the datasets are prepared (subclasses extend)."""
+
+    def selfplay_loss(self, batch: SelfPlayBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Map the batch to `(scalar loss, metrics)` with a pure function of `trl_selfplay.losses`."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Log-prob path
+    def _install_heads(self) -> None:
+        install_selfplay_head(_unwrap(self.model))
+        if self.ref_model is not None:
+            install_selfplay_head(_unwrap(self.ref_model))
+
+    @staticmethod
+    def _has_logit_scaling(model) -> bool:
+        text_config = _unwrap(model).config.get_text_config()
+        return any(getattr(text_config, name, None) is not None for name in _LOGIT_SCALE_ATTRS)
+
+    def _resolve_logprob_impl(self, model, num_tokens: int | torch.Tensor) -> str:
+        """`logprob_impl` for a batch with `num_tokens` completion positions (an int or a mask to count)."""
+        impl = self.args.logprob_impl
+        if impl == "direct" and self._has_logit_scaling(model):
+            raise ValueError(
+                "`logprob_impl='direct'` does not apply the logit scaling/softcapping this model's config declares; "
+                "use logprob_impl='fused' (or 'auto')."
+            )
+        if impl == "auto":
+            from trl.kernels.chunked_logprob import _use_triton
+
+            device = self.accelerator.device
+            if device.type == "cuda" and _use_triton(device):
+                impl, reason = "fused", f"Triton is available on {device}"
+            elif (logits_bytes := self._logits_bytes(model, num_tokens)) > self.args.logprob_auto_max_logits_bytes:
+                impl, reason = "fused", f"completion logits ({logits_bytes / 2**20:.0f} MiB) exceed the threshold"
+            elif self._has_logit_scaling(model):
+                impl, reason = "fused", "the model scales or softcaps its logits"
+            else:
+                impl, reason = "direct", f"completion logits ({logits_bytes / 2**20:.1f} MiB) fit on {device.type}"
+            if impl not in self._logprob_choices_logged:
+                self._logprob_choices_logged.add(impl)
+                logger.info(f"logprob_impl='auto' uses the {impl} log-prob path: {reason}.")
+        return impl
+
+    @staticmethod
+    def _logits_bytes(model, num_tokens: int | torch.Tensor) -> int:
+        if isinstance(num_tokens, torch.Tensor):  # counted only when needed (a device sync on GPUs)
+            num_tokens = int(num_tokens.sum())
+        return num_tokens * _unwrap(model).config.get_text_config().vocab_size * 4
+
+    def _per_token_logps(self, model, inputs, with_metrics: bool = False) -> FusedCausalLMOutput:
+        """Per-token log-probs `[B, T-1]` (zero outside the completion) through `model`'s forward."""
+        completion_mask = inputs["completion_mask"]
+        model_kwargs = {k: inputs[k] for k in _MODEL_INPUT_KEYS if k in inputs}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        if self.aux_loss_enabled and torch.is_grad_enabled():
+            # MoE: only TRL's fused head returns the router aux loss.
+            impl = "fused"
+            model_kwargs["output_router_logits"] = True
+        else:
+            impl = self._resolve_logprob_impl(model, completion_mask[:, 1:])
+        return model(**model_kwargs, labels=labels, selfplay_logps=impl, selfplay_metrics=with_metrics)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Per-sequence reference log-probs `(chosen, rejected)` of one padded batch. TRL's precompute
+        (`precompute_ref_log_probs=True`) calls this too, so the reference pass uses the same log-prob path."""
+        install_selfplay_head(_unwrap(model))  # TRL's precompute runs inside DPOTrainer.__init__, before ours
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(_peft_or_none(self.model)):
+            unwrapped = _peft_or_none(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            outputs = self._per_token_logps(model, inputs)
+        seq_len = inputs["completion_mask"].size(1) - 1
+        return outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        # Reference columns supplied with the dataset (e.g. by the multi-iteration runner, which needs the reference
+        # pass anyway) are used as they are: no reference forward and no reference model.
+        if all(column in (dataset.column_names or []) for column in ("ref_chosen_logps", "ref_rejected_logps")):
+            logger.info(f"Using the reference log-prob columns supplied with the {name} dataset.")
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _want_metric_outputs(self, mode: str) -> bool:
+        setting = self.args.metric_outputs
+        if setting != "logging_steps":
+            return setting == "always"
+        if mode == "eval":
+            return True
+        if self.args.logging_strategy != "steps":
+            return False
+        step = self.state.global_step  # the optimizer step this micro-batch belongs to, 0-based
+        if step == 0 and self.args.logging_first_step:
+            return True
+        logging_steps = self.state.logging_steps or self.args.logging_steps
+        return logging_steps > 0 and (step + 1) % int(logging_steps) == 0
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The overridden TRL method
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        with_metrics = self._want_metric_outputs(mode)
+        completion_mask = inputs["completion_mask"]
+        shift_completion_mask = completion_mask[:, 1:]
+        seq_len = shift_completion_mask.size(1)
+        outputs = self._per_token_logps(model, inputs, with_metrics=with_metrics)
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+        chosen_logps, rejected_logps = per_token_logps.sum(dim=1).chunk(2, dim=0)
+
+        if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
+            ref_chosen_logps = inputs["ref_chosen_logps"].to(chosen_logps)
+            ref_rejected_logps = inputs["ref_rejected_logps"].to(rejected_logps)
+        else:
+            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(self.ref_model or model, inputs)
+
+        chosen_lengths, rejected_lengths = shift_completion_mask.sum(dim=1).chunk(2, dim=0)
+        batch = SelfPlayBatch(
+            policy_chosen_logps=chosen_logps,
+            policy_rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps.detach(),
+            ref_rejected_logps=ref_rejected_logps.detach(),
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            columns=inputs,
+            mode=mode,
+        )
+        method_loss, method_metrics = self.selfplay_loss(batch)
+
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sft":
+                # TRL's "sft" term: mean NLL over the chosen completion tokens.
+                chosen_mask, _ = shift_completion_mask.chunk(2, dim=0)
+                chosen_token_logps, _ = per_token_logps.chunk(2, dim=0)
+                sft_loss = -chosen_token_logps[chosen_mask.bool()].mean()
+                loss = loss + weight * sft_loss
+                method_metrics["sft_loss"] = sft_loss.detach()
+            else:
+                loss = loss + weight * method_loss
+
+        if self.aux_loss_enabled and outputs.aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        self._log_metrics(mode, batch, inputs, outputs, shift_completion_mask, method_metrics)
+
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**{k: inputs[k] for k in _MODEL_INPUT_KEYS if k in inputs})
+            return loss, outputs
+        return loss
+
+    def _log_metrics(self, mode, batch: SelfPlayBatch, inputs, outputs, shift_completion_mask, method_metrics):
+        metrics = self._metrics[mode]
+        gather = self.accelerator.gather
+        seq_len = shift_completion_mask.size(1)
+        chosen_mask, rejected_mask = shift_completion_mask.chunk(2, dim=0)
+
+        if outputs.entropy is not None:  # metric-only outputs: logging steps only (see `metric_outputs`)
+            mask = shift_completion_mask
+            entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * mask).sum()).sum()
+            total_tokens = gather(mask.sum()).sum()
+            metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
+            chosen_mean_logits, rejected_mean_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+            for name, values, sub_mask in (
+                ("logits/chosen", chosen_mean_logits, chosen_mask),
+                ("logits/rejected", rejected_mean_logits, rejected_mask),
+            ):
+                total = gather(values[sub_mask.bool()].sum().float()).sum()
+                count = gather(sub_mask.sum()).sum()
+                metrics[name].append((total / count).item() if count > 0 else 0.0)
+            chosen_is_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+            correct = gather((chosen_is_top1 & chosen_mask.bool()).sum()).sum()
+            count = gather(chosen_mask.sum()).sum()
+            metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        chosen_rewards = self.beta * (batch.policy_chosen_logps.detach() - batch.ref_chosen_logps)
+        rejected_rewards = self.beta * (batch.policy_rejected_logps.detach() - batch.ref_rejected_logps)
+        chosen_rewards, rejected_rewards = gather(chosen_rewards), gather(rejected_rewards)
+        metrics["rewards/chosen"].append(chosen_rewards.mean().item())
+        metrics["rewards/rejected"].append(rejected_rewards.mean().item())
+        metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+        metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(batch.policy_chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(batch.policy_rejected_logps.detach()).mean().item())
+
+        for name, value in method_metrics.items():
+            if isinstance(value, torch.Tensor):
+                value = gather(value.detach().float().reshape(-1)).mean().item()
+            metrics[name].append(float(value))
+
+
+def _peft_or_none(model):
+    """The PEFT model under DDP/DeepSpeed wrappers, or the unwrapped model."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model

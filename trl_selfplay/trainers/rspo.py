@@ -1,0 +1,362 @@
+"""RSPO (Tang et al. 2025, "Regularized Self-Play Alignment of Large Language Models"; SPPO is its λ = 0 case) as a
+drop-in `trl.DPOTrainer` (DESIGN.md §3.3)."""
+
+from __future__ import annotations
+
+import difflib
+import gc
+import json
+import math
+import os
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from accelerate.logging import get_logger
+from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import create_model_from_path
+
+from trl_selfplay.losses import RSPO_REGULARIZERS, rspo_regularizer, sppo_loss
+from trl_selfplay.trainers.base import SelfPlayBatch, SelfPlayConfig, SelfPlayTrainerBase, install_selfplay_head
+
+logger = get_logger(__name__)
+
+WIN_PROB_COLUMNS = ("chosen_win_prob", "rejected_win_prob")
+ANCHOR_COLUMNS = ("anchor_chosen_logps", "anchor_rejected_logps")
+UPDATE_DIRECTIONS = ("sppo", "omd")
+
+
+@dataclass
+class RSPOConfig(SelfPlayConfig):
+    r"""
+    Configuration for [`RSPOTrainer`]. All fields of [`SelfPlayConfig`] / [`~trl.DPOConfig`] apply.
+
+    Parameters:
+        beta (`float`, *optional*, defaults to `0.001`):
+            β = 1/η of SPPO: the log-ratio of a response is regressed onto η·(P(y ≻ π_t) − ½).
+        loss_type (`list[str]`, *optional*, defaults to `["sppo"]`):
+            `"sppo"` (the squared SPPO loss), optionally with `"sft"` added (weighted by `loss_weights`).
+        regularizers (`dict[str, float]`, *optional*, defaults to `{}`):
+            Regularizers towards the anchor μ (the initial model) and their weights λ ≥ 0, among `"reverse_kl"`,
+            `"forward_kl_is"` and `"chi2"`, e.g. `{"reverse_kl": 0.5, "forward_kl_is": 0.1}` (the paper's best). Each
+            adds λ·(mean over chosen + mean over rejected). Empty = SPPO.
+        log_ratio_clip (`float`, *optional*, defaults to `10.0`):
+            Clip c of the log-ratio before exponentiating in `forward_kl_is` and `chi2`.
+        update_direction (`str`, *optional*, defaults to `"sppo"`):
+            `"sppo"`: G = P(y ≻ π_t). `"omd"`: G = P(y ≻ π_t) − τ·log(π_t(y)/μ(y)), with τ = `omd_tau`.
+        omd_tau (`float`, *optional*, defaults to `0.01`):
+            τ of the `"omd"` update direction (no published default; keep τ·|log π_t/μ| well below 1).
+        precompute_anchor_log_probs (`bool`, *optional*, defaults to `True`):
+            Compute the anchor log-prob columns `anchor_chosen_logps` / `anchor_rejected_logps` once before training
+            when the dataset lacks them, so no anchor model is held during training. Without
+            `anchor_model_name_or_path`, μ is the initial model, which is also the reference when `ref_model` is not
+            given: the reference columns are then copied rather than recomputed.
+        anchor_model_name_or_path (`str`, *optional*):
+            Path or Hub id of μ when it is not the model being trained (e.g. iterations t ≥ 1 of a multi-iteration
+            run, where the policy starts from π_t). Loaded only for the precompute, then freed.
+    """
+
+    _method_loss_types: ClassVar[tuple[str, ...]] = ("sppo",)
+    _VALID_DICT_FIELDS = SelfPlayConfig._VALID_DICT_FIELDS + ["regularizers"]
+
+    beta: float = field(default=0.001, metadata={"help": "β = 1/η of SPPO (default 0.001, η = 1000)."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sppo"],
+        metadata={"help": "RSPO loss: 'sppo', optionally with 'sft' added (see `loss_weights`)."},
+    )
+    # `| str | None` lets `HfArgumentParser` take a JSON string on the command line (parsed in `__post_init__`).
+    regularizers: dict[str, float] | str | None = field(
+        default_factory=dict,
+        metadata={
+            "help": "Regularizers towards the anchor and their weights, e.g. "
+            '{"reverse_kl": 0.5, "forward_kl_is": 0.1}. Kinds: reverse_kl, forward_kl_is, chi2.'
+        },
+    )
+    log_ratio_clip: float = field(
+        default=10.0, metadata={"help": "Clip of the log-ratio before exponentiating (forward_kl_is, chi2)."}
+    )
+    update_direction: str = field(
+        default="sppo",
+        metadata={
+            "help": "'sppo': G = P(y > pi_t); 'omd': G = P - tau*log(pi_t/mu).",
+            "choices": list(UPDATE_DIRECTIONS),
+        },
+    )
+    omd_tau: float = field(default=0.01, metadata={"help": "τ of the 'omd' update direction."})
+    precompute_anchor_log_probs: bool = field(
+        default=True,
+        metadata={"help": "Compute the anchor log-prob columns once before training when the dataset lacks them."},
+    )
+    anchor_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Path or Hub id of the anchor μ when it is not the model being trained."},
+    )
+
+    def __post_init__(self):
+        if self.regularizers is None:
+            self.regularizers = {}
+        if isinstance(self.regularizers, str):
+            self.regularizers = json.loads(self.regularizers) if self.regularizers.strip() else {}
+        if not isinstance(self.regularizers, dict):
+            raise ValueError(
+                f"`regularizers` must be a dict of kind -> weight, e.g. {{'reverse_kl': 0.5}}, got {self.regularizers!r}."
+            )
+        for kind, weight in self.regularizers.items():
+            if kind not in RSPO_REGULARIZERS:
+                close = difflib.get_close_matches(str(kind), RSPO_REGULARIZERS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"`regularizers` has an unknown kind {kind!r}.{hint} Valid kinds: {list(RSPO_REGULARIZERS)}."
+                )
+            if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+                raise ValueError(
+                    f"`regularizers[{kind!r}]` must be a finite weight λ >= 0, got {weight!r}; use 0 or remove the "
+                    "entry to disable it."
+                )
+        self.regularizers = {kind: float(weight) for kind, weight in self.regularizers.items()}
+        if self.update_direction not in UPDATE_DIRECTIONS:
+            raise ValueError(
+                f"`update_direction` must be one of {list(UPDATE_DIRECTIONS)}, got {self.update_direction!r}."
+            )
+        for name in ("beta", "log_ratio_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+        if not (isinstance(self.omd_tau, int | float) and math.isfinite(self.omd_tau) and self.omd_tau >= 0):
+            raise ValueError(f"`omd_tau` must be a finite number >= 0, got {self.omd_tau!r}.")
+        super().__post_init__()
+
+    @property
+    def needs_anchor(self) -> bool:
+        """Whether the loss reads the anchor log-prob columns."""
+        return self.update_direction == "omd" or any(weight > 0 for weight in self.regularizers.values())
+
+
+@dataclass
+class DataCollatorForRSPO(DataCollatorForPreference):
+    """TRL's preference collator that also carries per-example float columns (win probabilities, anchor
+    log-probs) into the batch as 1-D tensors."""
+
+    extra_columns: tuple[str, ...] = WIN_PROB_COLUMNS + ANCHOR_COLUMNS
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        for name in self.extra_columns:
+            if name in examples[0]:
+                output[name] = torch.tensor([float(example[name]) for example in examples], dtype=torch.float32)
+        return output
+
+
+def _column_names(dataset) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    if names is None:  # an IterableDataset without known features
+        names = list(next(iter(dataset)).keys())
+    return list(names)
+
+
+class RSPOTrainer(SelfPlayTrainerBase):
+    """RSPO / SPPO trainer. Dataset columns: `prompt`, `chosen` (highest-judged of the K samples), `rejected`
+    (lowest-judged), `chosen_win_prob` and `rejected_win_prob` (estimated P(y ≻ π_t) in [0, 1], see
+    `trl_selfplay.losses.win_probabilities`), and optionally the anchor columns `anchor_chosen_logps` /
+    `anchor_rejected_logps` (else precomputed once, see `RSPOConfig.precompute_anchor_log_probs`).
+
+    With `precompute_ref_log_probs=True` and the anchor columns present or precomputed, training holds ONE model.
+    Logs TRL's DPO metrics plus `rspo/sppo_loss` and `rspo/reg_<kind>` for each configured regularizer.
+    """
+
+    config_class = RSPOConfig
+    _tag_names = ["trl", "trl_selfplay", "rspo"]
+    _name = "RSPO"
+    _paper = {
+        "title": "Regularized Self-Play Alignment of Large Language Models",
+        "id": "2503.00030",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{tang2025rspo,
+                title        = {{Regularized Self-Play Alignment of Large Language Models}},
+                author       = {Tang and others},
+                year         = 2025,
+                eprint       = {arXiv:2503.00030},
+            }"""),
+    }
+
+    def _post_init(self) -> None:
+        if type(self.data_collator) is DataCollatorForPreference:  # TRL's default: carry our columns too
+            base = self.data_collator
+            self.data_collator = DataCollatorForRSPO(
+                pad_token_id=base.pad_token_id,
+                max_length=base.max_length,
+                truncation_mode=base.truncation_mode,
+                pad_to_multiple_of=base.pad_to_multiple_of,
+            )
+        if self.args.needs_anchor:
+            self.train_dataset = self._ensure_anchor_columns(self.train_dataset, "train")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._ensure_anchor_columns(v, k) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._ensure_anchor_columns(self.eval_dataset, "eval")
+
+    # -- validation, before any model work -------------------------------------------------------------------
+    def _validate_datasets(self, args, train_dataset, eval_dataset) -> None:
+        super()._validate_datasets(args, train_dataset, eval_dataset)
+        datasets = {"train_dataset": train_dataset}
+        if isinstance(eval_dataset, dict):
+            datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
+        elif eval_dataset is not None:
+            datasets["eval_dataset"] = eval_dataset
+        for label, dataset in datasets.items():
+            if dataset is None:
+                continue
+            names = _column_names(dataset)
+            missing = [name for name in WIN_PROB_COLUMNS if name not in names]
+            if missing:
+                raise ValueError(
+                    f"{label} lacks the column(s) {missing}. RSPO needs `chosen_win_prob` and `rejected_win_prob`, "
+                    "the estimated P(y > pi_t) of each response; build them from judge preferences with "
+                    "`trl_selfplay.losses.win_probabilities`."
+                )
+            if isinstance(dataset, Dataset):
+                for name in WIN_PROB_COLUMNS:
+                    values = torch.as_tensor(dataset.with_format("numpy")[name], dtype=torch.float64)
+                    if values.numel() and (not torch.isfinite(values).all() or values.min() < 0 or values.max() > 1):
+                        raise ValueError(
+                            f"{label} column `{name}` must hold probabilities in [0, 1], got values in "
+                            f"[{values.min().item()}, {values.max().item()}]; rescale the judge's output to [0, 1]."
+                        )
+            has_anchor = all(name in names for name in ANCHOR_COLUMNS)
+            if args.needs_anchor and not has_anchor and not args.precompute_anchor_log_probs:
+                raise ValueError(
+                    f"The configured regularizers / update_direction need the anchor log-probs, but {label} lacks "
+                    f"the columns {list(ANCHOR_COLUMNS)} and `precompute_anchor_log_probs=False`. Set "
+                    "precompute_anchor_log_probs=True or add the columns."
+                )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for name in WIN_PROB_COLUMNS + ANCHOR_COLUMNS:
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
+
+    # -- anchor precompute -------------------------------------------------------------------------------------
+    def _ensure_anchor_columns(self, dataset, name: str):
+        if dataset is None or all(column in _column_names(dataset) for column in ANCHOR_COLUMNS):
+            return dataset
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "Precomputing the anchor log-probs needs a map-style `Dataset`; pass one, or add the columns "
+                f"{list(ANCHOR_COLUMNS)} yourself."
+            )
+        names = _column_names(dataset)
+        if (
+            self.args.anchor_model_name_or_path is None
+            and not self._ref_model_given
+            and all(column in names for column in ("ref_chosen_logps", "ref_rejected_logps"))
+        ):
+            # μ = the initial model = the reference (TRL's default ref): one forward pass serves both.
+            logger.info(f"Anchor log-probs of the {name} dataset: copied from the reference log-probs (μ = π_0).")
+            dataset = dataset.add_column("anchor_chosen_logps", list(dataset["ref_chosen_logps"]))
+            return dataset.add_column("anchor_rejected_logps", list(dataset["ref_rejected_logps"]))
+
+        if self.args.anchor_model_name_or_path is not None:
+            init_kwargs = dict(self.args.model_init_kwargs or {})
+            init_kwargs.setdefault("dtype", self.model.dtype)
+            init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+            anchor = create_model_from_path(self.args.anchor_model_name_or_path, **init_kwargs)
+            anchor.to(self.accelerator.device).eval()
+            install_selfplay_head(anchor)
+        elif self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            anchor = self._precompute_engine
+        else:
+            anchor = self.model  # the initial policy, before any training step
+        chosen, rejected = self._precompute_sequence_logps(anchor, dataset, name)
+        if anchor is not self.model and anchor is not self._precompute_engine:
+            del anchor
+            gc.collect()
+        dataset = dataset.add_column("anchor_chosen_logps", chosen.tolist())
+        return dataset.add_column("anchor_rejected_logps", rejected.tolist())
+
+    def _precompute_sequence_logps(self, model, dataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from tqdm.auto import tqdm
+
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        )
+        chosen_all, rejected_all = [], []
+        was_training = model.training
+        model.eval()
+        for batch in tqdm(
+            loader,
+            desc=f"Computing anchor log probs for {name} dataset",
+            disable=bool(os.environ.get("TQDM_DISABLE", "")) or not self.accelerator.is_local_main_process,
+        ):
+            with torch.no_grad(), self.accelerator.autocast():
+                outputs = self._per_token_logps(model, batch)
+            seq_len = batch["completion_mask"].size(1) - 1
+            chosen, rejected = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+            chosen, rejected = self.accelerator.gather_for_metrics((chosen, rejected))
+            chosen_all.append(chosen.float().cpu())
+            rejected_all.append(rejected.float().cpu())
+        model.train(was_training)
+        return torch.cat(chosen_all), torch.cat(rejected_all)
+
+    # -- loss ----------------------------------------------------------------------------------------------
+    def selfplay_loss(self, batch: SelfPlayBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        args = self.args
+        columns = batch.columns
+        needed = WIN_PROB_COLUMNS + (ANCHOR_COLUMNS if args.needs_anchor else ())
+        missing = [name for name in needed if name not in columns]
+        if missing:
+            raise ValueError(
+                f"The batch lacks {missing}. A custom `data_collator` must carry these columns (see "
+                "`DataCollatorForRSPO`), and datasets passed to `evaluate()` later need the anchor columns: pass "
+                "eval datasets at construction (they are precomputed then) or add the columns."
+            )
+        dtype = batch.policy_chosen_logps.dtype
+        chosen_win_prob = columns["chosen_win_prob"].to(dtype)
+        rejected_win_prob = columns["rejected_win_prob"].to(dtype)
+        ref_chosen, ref_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
+        anchor_chosen = anchor_rejected = None
+        if args.needs_anchor:
+            anchor_chosen = columns["anchor_chosen_logps"].to(dtype)
+            anchor_rejected = columns["anchor_rejected_logps"].to(dtype)
+        target_ref_chosen, target_ref_rejected = ref_chosen, ref_rejected
+        if args.update_direction == "omd":
+            # G = P − τ·log(π_t/μ): the target η(G − ½) shifts by −ητ(ref − anchor), which is the same as
+            # regressing against ref' = ref − ητ(ref − anchor) with the plain P (kept in [0, 1]).
+            shift = (args.omd_tau / args.beta) * (ref_chosen - anchor_chosen)
+            target_ref_chosen = ref_chosen - shift
+            target_ref_rejected = ref_rejected - (args.omd_tau / args.beta) * (ref_rejected - anchor_rejected)
+        losses = sppo_loss(
+            batch.policy_chosen_logps,
+            batch.policy_rejected_logps,
+            target_ref_chosen,
+            target_ref_rejected,
+            chosen_win_prob,
+            rejected_win_prob,
+            beta=args.beta,
+        )
+        loss = losses.mean()
+        metrics: dict[str, torch.Tensor | float] = {"rspo/sppo_loss": loss.detach()}
+        for kind, weight in args.regularizers.items():
+            if anchor_chosen is None:  # only zero weights configured and no anchor columns needed
+                continue
+            value = (
+                rspo_regularizer(
+                    batch.policy_chosen_logps, anchor_chosen, kind, log_ratio_clip=args.log_ratio_clip
+                ).mean()
+                + rspo_regularizer(
+                    batch.policy_rejected_logps, anchor_rejected, kind, log_ratio_clip=args.log_ratio_clip
+                ).mean()
+            )
+            if weight > 0:
+                loss = loss + weight * value
+            metrics[f"rspo/reg_{kind}"] = value.detach()
+        return loss, metrics
