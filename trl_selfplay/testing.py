@@ -126,3 +126,153 @@ def make_tiny_causal_lm(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+PAIRRM_LAYOUTS = ("original", "hf")
+PAIRRM_WEIGHT_FORMATS = ("bin", "safetensors")
+
+
+def make_tiny_pairrm(
+    path: str | os.PathLike,
+    *,
+    layout: str = "original",
+    weights_format: str = "safetensors",
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vocab_corpus: Iterable[str] | str | None = None,
+    vocab_size: int = 150,
+    seed: int = 0,
+) -> Path:
+    """Build and save a tiny random PairRM checkpoint in llm-blender's file layout, loadable by `PairRMJudge(path)`.
+
+    Args:
+        path: directory to write to.
+        layout: `"original"` (llm-blender/PairRM: a ranker `config.json` naming the backbone, here the `backbone/`
+            subdirectory) or `"hf"` (llm-blender/PairRM-hf: a DeBERTa-v2 `config.json` with PairRM's fields).
+        weights_format: `"safetensors"` (`model.safetensors`) or `"bin"` (`pytorch_model.bin`).
+        hidden_size, num_hidden_layers, num_attention_heads: encoder shape (DeBERTa-v3 attention settings).
+        vocab_corpus, vocab_size: text and size of the sentencepiece vocabulary trained for the tokenizer.
+        seed: seed of the random initialisation.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoTokenizer, DebertaV2Config
+
+    from trl_selfplay.judges.pairrm import PREFIX_TOKENS, PairRMModel
+
+    if layout not in PAIRRM_LAYOUTS:
+        raise ValueError(f"`layout` must be one of {PAIRRM_LAYOUTS}, got {layout!r}.")
+    if weights_format not in PAIRRM_WEIGHT_FORMATS:
+        raise ValueError(f"`weights_format` must be one of {PAIRRM_WEIGHT_FORMATS}, got {weights_format!r}.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if vocab_corpus is None:
+        vocab_corpus = DEFAULT_CORPUS
+    if isinstance(vocab_corpus, str):
+        vocab_corpus = vocab_corpus.splitlines()
+    lines = [line for line in vocab_corpus if line.strip()]
+
+    # A sentencepiece model with DeBERTa-v3's special tokens ([PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3), converted by
+    # transformers like microsoft/deberta-v3-large's spm.model, then PairRM's four added tokens.
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines * 4),
+            model_prefix=f"{tmp}/spm",
+            vocab_size=vocab_size,
+            model_type="unigram",
+            pad_id=0,
+            bos_id=1,
+            eos_id=2,
+            unk_id=3,
+            pad_piece="[PAD]",
+            bos_piece="[CLS]",
+            eos_piece="[SEP]",
+            unk_piece="[UNK]",
+            user_defined_symbols=["[MASK]"],
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+        shutil.copy(f"{tmp}/spm.model", path / "spm.model")
+        tokenizer_config = {
+            "tokenizer_class": "DebertaV2Tokenizer",
+            "do_lower_case": False,
+            "split_by_punct": False,
+            "vocab_type": "spm",
+            "bos_token": "[CLS]",
+            "eos_token": "[SEP]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+        }
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    tokenizer.add_tokens(list(PREFIX_TOKENS))
+    tokenizer.save_pretrained(path)
+    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in PREFIX_TOKENS}
+
+    backbone = DebertaV2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=512,
+        type_vocab_size=0,
+        layer_norm_eps=1e-7,
+        relative_attention=True,
+        max_relative_positions=-1,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        pad_token_id=0,
+        # Larger than DeBERTa's 0.02 so a random tiny model's scores depend clearly on the text.
+        initializer_range=0.5,
+    )
+    torch.manual_seed(seed)
+    model = PairRMModel(backbone, n_tasks=1, drop_out=0.05)
+    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if weights_format == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state_dict, str(path / "model.safetensors"))
+    else:
+        torch.save(state_dict, path / "pytorch_model.bin")
+
+    if layout == "original":
+        backbone.save_pretrained(path / "backbone")
+        ranker_config = {
+            "ranker_type": "pairranker",
+            "model_type": "deberta",
+            "model_name": "backbone",  # llm-blender names the Hub backbone here; relative to the checkpoint dir
+            "source_maxlength": 1224,
+            "candidate_maxlength": 412,
+            "n_tasks": 1,
+            "drop_out": 0.05,
+            "inference_mode": "bubble",
+        }
+        for name in ("config.json", "ranker_config.json"):
+            (path / name).write_text(json.dumps(ranker_config, indent=2))
+    else:
+        config = backbone.to_dict()
+        config.update(
+            architectures=["DebertaV2PairRM"],
+            n_tasks=1,
+            drop_out=0.05,
+            source_prefix_id=token_ids["<|source|>"],
+            cand1_prefix_id=token_ids["<|candidate1|>"],
+            cand2_prefix_id=token_ids["<|candidate2|>"],
+            cand_prefix_id=token_ids["<|candidate|>"],
+        )
+        config.pop("sep_token_id", None)  # the -hf config has none (DESIGN.md §3.4)
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path

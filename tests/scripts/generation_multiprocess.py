@@ -1,0 +1,36 @@
+"""Run `generate_completions` under `accelerate launch` and write what every process got back as JSON.
+
+Usage: accelerate launch --multi_gpu --num_processes 2 tests/scripts/generation_multiprocess.py MODEL_DIR OUT_DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from trl_selfplay.generation import generate_completions
+
+PROMPTS = [
+    "What is the capital of France?",
+    "hello",
+    "Write a short poem about the sea.",
+    "one two three",
+    "Explain gravity to a child.",
+]
+
+
+def main() -> None:
+    model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+    # cpu=True selects gloo when there is no GPU (accelerate only picks MULTI_CPU when asked to use the CPU).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = generate_completions(
+        model_dir, PROMPTS, num_samples=2, max_new_tokens=12, seed=3, batch_size=3, accelerator=state
+    )
+    record = {"world": state.num_processes, "completions": out.completions, "num_tokens": out.num_tokens}
+    (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

