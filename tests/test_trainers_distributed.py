@@ -1,4 +1,4 @@
-"""Real multi-process runs of the trainers: 2 accelerate processes (gloo, CPU) and DeepSpeed ZeRO-2 on CPU."""
+"""Real multi-process runs of the trainers: 2 accelerate processes (gloo, CPU) and DeepSpeed ZeRO-2/ZeRO-3 on CPU."""
 
 import importlib.util
 import os
@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "trainers_distributed.py"
 ZERO2_CONFIG = ROOT / "tests" / "configs" / "trainers_zero2_cpu.yaml"
+ZERO3_CONFIG = ROOT / "tests" / "configs" / "trainers_zero3_cpu.yaml"
 
 
 def _free_port() -> int:
@@ -22,8 +23,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(launch_args: list[str], script_args: list[str], extra_env: dict | None = None, timeout: int = 540):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(extra_env or {})}
+def _launch(
+    launch_args: list[str],
+    script_args: list[str],
+    extra_env: dict | None = None,
+    timeout: int = 540,
+    expect_success: bool = True,
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(extra_env or {}))
     env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     command = [
         sys.executable,
@@ -36,7 +44,9 @@ def _launch(launch_args: list[str], script_args: list[str], extra_env: dict | No
         *script_args,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    if expect_success:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
 
 
 def _load_script():
@@ -99,3 +109,44 @@ def test_deepspeed_zero2_smoke(tiny_model_path, tmp_path):
     assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert result["losses"][0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1: log 2
     assert result["changed"] == result["num_params"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("logprob_impl", ["direct", "fused"])
+def test_deepspeed_zero3_two_processes(tiny_model_path, tmp_path, logprob_impl):
+    """SPIN under DeepSpeed ZeRO-3 on CPU, 2 processes, model loaded partitioned: the reference precompute (TRL's
+    inference engine) and training (the training engine) both through `logprob_impl`."""
+    out_file = tmp_path / "result.pt"
+    _launch(["--config_file", str(ZERO3_CONFIG)], ["smoke-impl", tiny_model_path, logprob_impl, str(out_file)])
+    result = torch.load(out_file, weights_only=False)
+    assert result["deepspeed"] and result["zero_stage"] == 3
+    assert result["world_size"] == 2  # the gloo default: accelerate counts both processes
+    assert result["ref_model_is_none"]
+    # The precomputed reference log-probs equal those of a plain single-process run of the same path.
+    single = _load_script().reference_logps(tiny_model_path, str(tmp_path / "single"), logprob_impl=logprob_impl)
+    for name, values in single.items():
+        torch.testing.assert_close(torch.tensor(result["ref_logps"][name]), torch.tensor(values), atol=1e-4, rtol=1e-5)
+    losses = torch.tensor(result["losses"])
+    assert len(losses) == 3 and torch.isfinite(losses).all()
+    # Step 1: policy == reference, so the training forward reproduces the precompute and the loss is log 2.
+    assert result["losses"][0] == pytest.approx(0.6931, abs=1e-3)
+    # Full (gathered) parameters, not the 1-D shards, and every one of them was updated.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    assert result["shapes"] == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert result["changed"] == result["num_params"]
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_zero3_with_use_cpu_is_rejected(tiny_model_path, tmp_path):
+    """ACCELERATE_USE_CPU disables DeepSpeed in accelerate while transformers still loads the model partitioned
+    (the first forward would fail with "'weight' must be 2-D"); the config says so and how to fix it."""
+    result = _launch(
+        ["--config_file", str(ZERO3_CONFIG)],
+        ["smoke-impl", tiny_model_path, "direct", str(tmp_path / "result.pt")],
+        extra_env={"ACCELERATE_USE_CPU": "true"},
+        expect_success=False,
+    )
+    assert result.returncode != 0
+    assert "ValueError: DeepSpeed ZeRO-3 is configured but `use_cpu`/ACCELERATE_USE_CPU is set" in result.stderr
+    assert "must be 2-D" not in result.stderr

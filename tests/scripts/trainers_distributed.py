@@ -5,8 +5,11 @@ single-process reference run).
         iris-grad <policy_path> <ref_path> <out_file>
     accelerate launch --config_file tests/configs/<cfg>.yaml tests/scripts/trainers_distributed.py \
         smoke <policy_path> <out_file>
+    accelerate launch --config_file tests/configs/<cfg>.yaml tests/scripts/trainers_distributed.py \
+        smoke-impl <policy_path> <fused|direct> <out_file>
 """
 
+import contextlib
 import os
 import sys
 
@@ -100,8 +103,19 @@ def iris_gradient(policy_path: str, ref_path: str, out_dir: str, per_device_batc
     }
 
 
-def smoke(policy_path: str, out_dir: str) -> dict:
-    """A few SPIN steps (precomputed reference, LoRA-free full fine-tuning) under whatever launcher runs us."""
+def _full_parameters(model) -> dict[str, torch.Tensor]:
+    """CPU copies of the full parameters; under ZeRO-3 each process holds a shard, so gather them (collective)."""
+    params = list(model.parameters())
+    context = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with context:
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+
+def _spin_trainer(policy_path: str, out_dir: str, **config) -> SPINTrainer:
     args = SPINConfig(
         out_dir,
         per_device_train_batch_size=2,
@@ -109,23 +123,38 @@ def smoke(policy_path: str, out_dir: str) -> dict:
         learning_rate=1e-3,
         precompute_ref_log_probs=True,
         **COMMON,
+        **config,
     )
-    trainer = SPINTrainer(
+    return SPINTrainer(
         policy_path,
         args=args,
         train_dataset=dataset(out_dir),
         processing_class=AutoTokenizer.from_pretrained(policy_path),
     )
-    before = {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters()}
+
+
+def reference_logps(policy_path: str, out_dir: str, **config) -> dict[str, list[float]]:
+    """The reference log-prob columns TRL's precompute adds to the dataset (no training)."""
+    trainer = _spin_trainer(policy_path, out_dir, **config)
+    return {name: trainer.train_dataset[name] for name in ("ref_chosen_logps", "ref_rejected_logps")}
+
+
+def smoke(policy_path: str, out_dir: str, **config) -> dict:
+    """A few SPIN steps (precomputed reference, LoRA-free full fine-tuning) under whatever launcher runs us."""
+    trainer = _spin_trainer(policy_path, out_dir, **config)
+    before = _full_parameters(trainer.model)
     trainer.train()
-    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    changed = sum(not torch.equal(p.detach().cpu(), before[n]) for n, p in model.named_parameters())
+    after = _full_parameters(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+    changed = sum(not torch.equal(after[n], before[n]) for n in before)
     return {
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "changed": changed,
         "num_params": len(before),
+        "shapes": {n: tuple(p.shape) for n, p in after.items()},
+        "ref_logps": {name: trainer.train_dataset[name] for name in ("ref_chosen_logps", "ref_rejected_logps")},
         "distributed_type": str(trainer.accelerator.distributed_type),
         "deepspeed": trainer.is_deepspeed_enabled,
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "world_size": trainer.accelerator.num_processes,
         "ref_model_is_none": trainer.ref_model is None,
     }
@@ -139,6 +168,8 @@ def main() -> None:
         result = iris_gradient(rest[0], rest[1], out_dir, per_device_batch=4)
     elif mode == "smoke":
         result = smoke(rest[0], out_dir)
+    elif mode == "smoke-impl":
+        result = smoke(rest[0], out_dir, logprob_impl=rest[1])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     from accelerate import PartialState

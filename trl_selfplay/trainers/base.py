@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,19 @@ def _has_bf16_accelerator() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes", "on")
+
+
+def _deepspeed_multiprocess_on_cpu() -> bool:
+    """Launched by `accelerate launch` with DeepSpeed, several processes, and DeepSpeed's accelerator is the CPU."""
+    if not _env_flag("ACCELERATE_USE_DEEPSPEED") or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
 @dataclass
 class SelfPlayConfig(DPOConfig):
     r"""
@@ -65,6 +79,8 @@ class SelfPlayConfig(DPOConfig):
       chosen (annotated) response, which keeps its likelihood from falling (DESIGN.md §7).
     - `bf16` left unset defaults to `True` only when a CUDA/XPU device is present (TRL turns it on everywhere,
       which fails on CPU-only machines).
+    - `ddp_backend` left unset defaults to `"gloo"` for a multi-process DeepSpeed launch on a CPU-only host, so
+      accelerate counts all the processes (without it, it sizes DeepSpeed's batch for one process).
     - `ld_alpha`, `use_weighting` and a non-default `f_divergence_type` are DPO-specific and rejected.
 
     Parameters:
@@ -146,7 +162,26 @@ class SelfPlayConfig(DPOConfig):
                 )
         if self.bf16 is None and not self.fp16 and not _has_bf16_accelerator():
             self.bf16 = False  # TRL's bf16=True default fails on CPU-only machines
+        if self.ddp_backend is None and _deepspeed_multiprocess_on_cpu():
+            # accelerate finds no device backend on a CPU-only host and then reports ONE process, while DeepSpeed
+            # runs on all of them: TRL's `prepare_deepspeed` fails DeepSpeed's batch-size check.
+            self.ddp_backend = "gloo"
         super().__post_init__()
+        if (
+            self.deepspeed_plugin is not None
+            and self.deepspeed_plugin.zero_stage == 3
+            and (self.use_cpu or _env_flag("ACCELERATE_USE_CPU"))
+        ):
+            # transformers has already switched model loading to ZeRO-3 partitioning (`deepspeed.zero.Init`), but
+            # `Accelerator(cpu=True)` disables DeepSpeed, so nothing would ever gather the parameters: the first
+            # forward (TRL's `DPOTrainer._precompute_ref_logps`, which then skips `prepare_deepspeed`) fails with
+            # "'weight' must be 2-D", in `trl.DPOTrainer` as well.
+            raise ValueError(
+                "DeepSpeed ZeRO-3 is configured but `use_cpu`/ACCELERATE_USE_CPU is set, which makes accelerate "
+                "disable DeepSpeed while the model is still loaded partitioned. For ZeRO-3 on a CPU-only host, set "
+                "`use_cpu: false` in the accelerate config and unset ACCELERATE_USE_CPU (DeepSpeed then runs on the "
+                "CPU, with the gloo backend)."
+            )
 
 
 @dataclass
