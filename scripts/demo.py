@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # recipes use repository-relative paths
     from trl_selfplay.cli import main as run_main
     from trl_selfplay.evaluation import format_summary_table, read_metrics
-    from trl_selfplay.plotting import plot_run, plot_runs
+    from trl_selfplay.plotting import plot_runs
 
     recipes = [Path(p) for p in args.recipes] if args.recipes else sorted(DEMO_RECIPES.glob("*.yaml"))
     if not recipes:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = _output_dir(recipe, args.output_root)
         if (run_dir / "metrics.jsonl").exists():
             runs[recipe.stem.split("_", 1)[-1]] = read_metrics(run_dir)
-            pngs.append(plot_run(run_dir))
+            pngs.append(run_dir / "metrics.png")  # drawn by the runner at the end of the run
     if runs:
         overlay = plot_runs(runs, Path(args.output_root) / "comparison.png", title="demo: 2-digit addition")
         pngs.append(overlay)

@@ -64,15 +64,20 @@ def _cpu_only() -> bool:
 def setup_distributed() -> None:
     """Several processes on a machine without GPU (`accelerate launch --multi_gpu --num_processes N` on CPU): make
     accelerate and the Trainer's arguments both pick the gloo CPU backend instead of silently running N copies."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and _cpu_only():
+    if _multi_process_cpu():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def _multi_process_cpu() -> bool:
+    # DeepSpeed must keep its own launch: `use_cpu` would disable it (the trainers pick gloo for it themselves).
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and _cpu_only() and not deepspeed
 
 
 def _state():
     from accelerate import PartialState
 
-    return PartialState(cpu=_cpu_only() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    return PartialState(cpu=_multi_process_cpu())
 
 
 def _barrier() -> None:
@@ -409,6 +414,27 @@ class SelfPlayLoop:
         for t in range(r.iterations.count):
             self._iteration(t)
         self._log(f"done: {r.iterations.count} iterations in {self.output_dir}")
+        if _is_main():
+            self._report()
+
+    def _report(self) -> None:
+        """The per-iteration summary table, and the run's plot next to its metrics.jsonl."""
+        import importlib.util
+
+        from trl_selfplay.evaluation import format_summary_table, read_metrics
+
+        metrics, png = self.output_dir / "metrics.jsonl", self.output_dir / "metrics.png"
+        if not metrics.exists():
+            return
+        print(format_summary_table(read_metrics(self.output_dir)), flush=True)
+        if png.exists() and png.stat().st_mtime >= metrics.stat().st_mtime:
+            return  # a finished run is not rewritten
+        if importlib.util.find_spec("matplotlib") is None:  # the `plot` extra
+            self._log("install the `plot` extra (matplotlib) to get metrics.png")
+            return
+        from trl_selfplay.plotting import plot_run
+
+        self._log(f"plot: {plot_run(self.output_dir, png)}")
 
     def _check_backends(self) -> None:
         """What validation cannot know on another machine: mixed precision without GPU, a missing vLLM."""
