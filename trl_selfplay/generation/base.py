@@ -123,35 +123,20 @@ def generate_completions(
         prompt_template,
         batch_size,
     )
+    common = {
+        "tokenizer": tokenizer,
+        "num_samples": num_samples,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "prompt_template": prompt_template,
+        "accelerator": accelerator,
+    }
     if backend == "vllm":
         from trl_selfplay.generation.vllm import generate_vllm
 
-        return generate_vllm(
-            model,
-            prompts,
-            tokenizer=tokenizer,
-            num_samples=num_samples,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            prompt_template=prompt_template,
-            accelerator=accelerator,
-            **backend_kwargs,
-        )
+        return generate_vllm(model, prompts, **common, **backend_kwargs)
     from trl_selfplay.generation.hf import generate_transformers
 
-    return generate_transformers(
-        model,
-        prompts,
-        tokenizer=tokenizer,
-        num_samples=num_samples,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        prompt_template=prompt_template,
-        batch_size=batch_size,
-        accelerator=accelerator,
-        **backend_kwargs,
-    )
+    return generate_transformers(model, prompts, batch_size=batch_size, **common, **backend_kwargs)
