@@ -214,13 +214,14 @@ def _direct_log_probs(model, want_metrics: bool, input_ids, labels, **kwargs) ->
     # The module call (not `F.linear` on the weight) keeps DeepSpeed ZeRO-3 parameter gathering working.
     logits = lm_head(hidden_states[mask]).float()
     targets = labels[mask]
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    all_logps = torch.log_softmax(logits, dim=-1)
+    token_logps = all_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     log_probs = token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)
     entropy = mean_logits = is_top1 = None
     if want_metrics:
         with torch.no_grad():
             detached = logits.detach()
-            probs_log = torch.log_softmax(detached, dim=-1)
+            probs_log = all_logps.detach()  # reuse the forward's log_softmax for the entropy
             entropy = mask.new_zeros(mask.shape, dtype=detached.dtype).masked_scatter(
                 mask, -(probs_log.exp() * probs_log).sum(-1)
             )
