@@ -25,3 +25,21 @@ def tiny_llama_path(tmp_path_factory):
     from trl_selfplay.testing import make_tiny_causal_lm
 
     return str(make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), architecture="llama"))
+
+
+@pytest.fixture(scope="session")
+def perturbed_model_path(tiny_model_path, tmp_path_factory):
+    """The tiny model with noise added to every weight: a policy that differs from its reference (so log-ratios,
+    and the IRIS weights, are far from their values at the fixed point)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    path = tmp_path_factory.mktemp("perturbed")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(path)
+    return str(path)

@@ -163,20 +163,6 @@ def _recompute_logps(model_path, trainer):
     return torch.stack(results["chosen"]), torch.stack(results["rejected"])
 
 
-@pytest.fixture(scope="module")
-def perturbed_model_path(tiny_model_path, tmp_path_factory):
-    """The tiny model with noise added to every weight: a policy that differs from its reference."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    path = tmp_path_factory.mktemp("perturbed")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize(
     "name,overrides",
     [

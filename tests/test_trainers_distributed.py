@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "trainers_distributed.py"
@@ -56,35 +56,21 @@ def _load_script():
     return module
 
 
-@pytest.fixture(scope="module")
-def perturbed_policy_path(tiny_model_path, tmp_path_factory):
-    """A policy away from its reference, so the IRIS weights are far from uniform."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    path = tmp_path_factory.mktemp("perturbed-policy")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.multiprocess
-def test_iris_two_processes_match_one_process_on_the_global_batch(perturbed_policy_path, tiny_model_path, tmp_path):
+def test_iris_two_processes_match_one_process_on_the_global_batch(perturbed_model_path, tiny_model_path, tmp_path):
     out_file = tmp_path / "ddp" / "result.pt"
     out_file.parent.mkdir()
     # `--multi_gpu` is accelerate's multi-process launcher; ACCELERATE_USE_CPU makes it CPU + gloo.
     _launch(
         ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"],
-        ["iris-grad", perturbed_policy_path, tiny_model_path, str(out_file)],
+        ["iris-grad", perturbed_model_path, tiny_model_path, str(out_file)],
         extra_env={"ACCELERATE_USE_CPU": "true"},
     )
     ddp = torch.load(out_file, weights_only=False)
     assert ddp["world_size"] == 2
 
     single = _load_script().iris_gradient(
-        perturbed_policy_path, tiny_model_path, str(tmp_path / "single"), per_device_batch=8
+        perturbed_model_path, tiny_model_path, str(tmp_path / "single"), per_device_batch=8
     )
     assert single["world_size"] == 1
     # Weights far from uniform: per-process weights would give a different gradient.
