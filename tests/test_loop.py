@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -256,7 +257,7 @@ def test_iris_two_iterations_adaptive_alpha(runs):
 
 
 @pytest.mark.slow
-def test_rspo_two_iterations(runs):
+def test_rspo_two_iterations(runs, tiny_model_path):
     out, _ = runs("rspo")
     _check_iteration_outputs(out, "rspo")
     gens = [_rows(out / f"iter_{t}" / "generations.jsonl") for t in (0, 1)]
@@ -278,6 +279,36 @@ def test_rspo_two_iterations(runs):
             assert row["chosen_win_prob"] == max(p["win_probs"]) and row["rejected_win_prob"] == min(p["win_probs"])
     ref = json.loads((out / "iter_1" / "reference.json").read_text())
     assert ref["reference_model"] == str(out / "iter_0" / "model")
+    _check_anchor_samples(out, gens, tiny_model_path)
+
+
+def _check_anchor_samples(out: Path, gens: list[list[dict]], mu_path: str) -> None:
+    """The recipe's `forward_kl` regularizer: one sample of μ (the iteration-0 start model) per prompt. At iteration
+    0 π_0 = μ, so sample 0 of the K is μ's; at iteration 1 μ samples again (its own seed), and training starts at
+    a forward-KL estimate of 0 (iteration 0, policy = μ) and away from 0 (iteration 1, policy π_1 ≠ μ)."""
+    from trl_selfplay.generation import generate_completions
+
+    assert not (out / "iter_0" / "anchor_generations.jsonl").exists()
+    for row, g in zip(_rows(out / "iter_0" / "train.jsonl"), gens[0]):
+        assert row["anchor_completion"] == [{"role": "assistant", "content": g["completions"][0]}]
+    anchor_rows = _rows(out / "iter_1" / "anchor_generations.jsonl")
+    assert [a["prompt"] for a in anchor_rows] == [g["prompt"] for g in gens[1]]
+    g = yaml.safe_load((ROOT / "recipes" / "tiny" / "rspo.yaml").read_text())["generation"]
+    mu_samples = generate_completions(
+        mu_path, [a["prompt"] for a in anchor_rows], num_samples=1, temperature=g["temperature"],
+        max_new_tokens=g["max_new_tokens"], seed=g.get("seed", 0) + 1_000_003 + 1, batch_size=g["batch_size"],
+    ).completions  # fmt: skip
+    assert [a["completions"] for a in anchor_rows] == mu_samples  # sampled from μ, not from π_1
+    for row, a in zip(_rows(out / "iter_1" / "train.jsonl"), anchor_rows):
+        assert row["anchor_completion"] == [{"role": "assistant", "content": a["completions"][0]}]
+    first = [
+        next(
+            h for h in json.loads((out / f"iter_{t}" / "train_metrics.json").read_text())["log_history"] if "loss" in h
+        )
+        for t in (0, 1)
+    ]
+    assert first[0]["rspo/reg_forward_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(first[1]["rspo/reg_forward_kl"]) > 1e-3
 
 
 @pytest.mark.slow

@@ -311,6 +311,30 @@ def test_rspo_regularizers_hand_worked():
     torch.testing.assert_close(fwd, torch.tensor([math.exp(2), math.exp(-2), math.exp(10), math.exp(-50)]))
     chi2 = rspo_regularizer(policy, anchor, "chi2", log_ratio_clip=10.0)
     torch.testing.assert_close(chi2, torch.tensor([math.exp(-2), math.exp(2), math.exp(-50), math.exp(10)]))
+    # forward_kl: log mu - log pi (no clip: it is linear in d)
+    torch.testing.assert_close(rspo_regularizer(policy, anchor, "forward_kl"), torch.tensor([2.0, -2.0, 50.0, -50.0]))
+
+
+def test_forward_kl_on_anchor_samples_estimates_kl_and_has_the_nll_gradient():
+    """On responses drawn from mu, the mean of `forward_kl` is a Monte-Carlo estimate of KL(mu || pi) (checked
+    against the exact numpy value of two categorical distributions), and its gradient is the NLL gradient of the
+    samples: for pi = softmax(theta), d/dtheta mean(-log pi(y)) = softmax(theta) - empirical frequencies."""
+    rng = np.random.default_rng(0)
+    vocab, n = 6, 20000
+    mu = rng.dirichlet(np.ones(vocab))
+    theta = torch.tensor(rng.normal(size=vocab), dtype=torch.float64, requires_grad=True)
+    samples = torch.as_tensor(rng.choice(vocab, size=n, p=mu))
+    log_pi = torch.log_softmax(theta, dim=0)
+    log_mu = torch.log(torch.as_tensor(mu))
+    values = rspo_regularizer(log_pi[samples], log_mu[samples], "forward_kl")
+    pi = np.exp(log_pi.detach().numpy())
+    exact_kl = float(np.sum(mu * (np.log(mu) - np.log(pi))))
+    standard_error = values.detach().std().item() / math.sqrt(n)
+    assert abs(values.mean().item() - exact_kl) < 5 * standard_error
+    assert exact_kl > 20 * standard_error  # the estimate is not trivially near 0
+    values.mean().backward()
+    frequencies = np.bincount(samples.numpy(), minlength=vocab) / n
+    np.testing.assert_allclose(theta.grad.numpy(), pi - frequencies, atol=1e-12)
 
 
 def test_rspo_clip_is_in_log_space_and_gradient_stops_at_clip():
@@ -325,7 +349,7 @@ def test_rspo_clip_is_in_log_space_and_gradient_stops_at_clip():
 
 def test_rspo_regularizer_gradcheck():
     policy, anchor = _logps(10, scale=0.5)[:2]
-    for kind in ("reverse_kl", "forward_kl_is", "chi2"):
+    for kind in ("reverse_kl", "forward_kl_is", "chi2", "forward_kl"):
         x = policy.clone().requires_grad_(True)
         assert torch.autograd.gradcheck(lambda p, k=kind: rspo_regularizer(p, anchor, k, 50.0), (x,))
 

@@ -383,3 +383,134 @@ def test_spin_lora_trains_adapters_only_and_uses_base_as_reference(tiny_model_pa
     fresh_chosen, _ = _recompute_logps(tiny_model_path, trainer)
     torch.testing.assert_close(ref_chosen, fresh_chosen, atol=1e-4, rtol=1e-5)
     assert (policy.detach() - ref_chosen).abs().max() > 1e-3  # the adapters moved the policy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RSPO forward KL: NLL of responses sampled from μ (`anchor_completion`)
+ANCHOR_SAMPLES = [" Paris is the capital.", " It has eight legs.", " hi there", " Waves and wind."]
+
+
+def _anchor_sample_dataset(conversational: bool = False) -> Dataset:
+    data = _dataset(conversational=conversational)
+    if conversational:
+        return data.add_column(
+            "anchor_completion", [[{"role": "assistant", "content": a.strip()}] for a in ANCHOR_SAMPLES]
+        )
+    return data.add_column("anchor_completion", ANCHOR_SAMPLES)
+
+
+def _sample_logps(model, tokenizer, prompts, completions, grad: bool = False):
+    """Summed log-probs of plain-text completions (EOS appended, as TRL does) after their prompts, full logits."""
+    values = []
+    for prompt, completion in zip(prompts, completions):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = torch.tensor([tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]])
+        assert ids[0, : len(prompt_ids)].tolist() == prompt_ids
+        with torch.set_grad_enabled(grad):
+            logits = model(input_ids=ids).logits[0, :-1]
+            token_logps = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            values.append(token_logps[len(prompt_ids) - 1 :].sum())
+    return torch.stack(values)
+
+
+def test_rspo_forward_kl_needs_anchor_samples_before_model_loading(tmp_path):
+    args = RSPOConfig(str(tmp_path), regularizers={"forward_kl": 1.0}, **COMMON)
+    assert args.needs_anchor_samples and not args.needs_anchor_logps
+    with pytest.raises(ValueError, match="lacks the column `anchor_completion`.*forward_kl_is"):
+        RSPOTrainer(str(tmp_path / "does-not-exist"), args=args, train_dataset=_dataset())
+
+
+@pytest.mark.parametrize("impl", ["direct", "fused"])
+def test_rspo_forward_kl_loss_and_gradient_match_independent_computation(
+    impl, tiny_model_path, perturbed_model_path, tmp_path
+):
+    """μ = the tiny model (by path), policy = a perturbed copy. The precomputed log μ(sample), the logged
+    regularizer and loss, and the gradient the regularizer adds (that of the NLL of μ's samples) all equal a plain
+    full-logits computation."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    weight = 1.0
+    args = RSPOConfig(
+        str(tmp_path),
+        **{**COMMON, "per_device_train_batch_size": 4, "precompute_ref_log_probs": True, "logging_steps": 1},
+        beta=0.01,
+        regularizers={"forward_kl": weight},
+        anchor_model_name_or_path=tiny_model_path,
+        logprob_impl=impl,
+        learning_rate=0.0,
+        max_steps=1,
+    )
+    trainer = RSPOTrainer(
+        perturbed_model_path, args=args, train_dataset=_anchor_sample_dataset(), processing_class=tokenizer
+    )
+    assert not {"anchor_chosen_logps", "anchor_rejected_logps"} & set(trainer.train_dataset.column_names)
+    mu = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    policy = AutoModelForCausalLM.from_pretrained(perturbed_model_path, dtype=torch.float32).eval()
+    anchor_logps = _sample_logps(mu, tokenizer, PROMPTS, ANCHOR_SAMPLES)
+    torch.testing.assert_close(
+        torch.tensor(trainer.train_dataset["anchor_completion_logps"]), anchor_logps, atol=1e-4, rtol=1e-5
+    )
+    policy_logps = _sample_logps(policy, tokenizer, PROMPTS, ANCHOR_SAMPLES)
+    expected_reg = (anchor_logps - policy_logps).mean()
+    assert abs(expected_reg.item()) > 1e-2  # the policy is away from μ: a non-trivial value
+
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["rspo/reg_forward_kl"] == pytest.approx(expected_reg.item(), rel=1e-4)
+    assert logged["loss"] == pytest.approx(logged["rspo/sppo_loss"] + weight * expected_reg.item(), rel=1e-4)
+
+    # Gradient: (loss with λ = 1) − (loss with λ = 0) has the gradient of the mean NLL of μ's samples.
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    grads = []
+    for regularizers in ({"forward_kl": weight}, {"forward_kl": 0.0}):
+        trainer.args.regularizers = regularizers
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    policy.zero_grad()
+    nll = -_sample_logps(policy, tokenizer, PROMPTS, ANCHOR_SAMPLES, grad=True).mean()
+    nll.backward()
+    for name, param in policy.named_parameters():
+        torch.testing.assert_close(
+            grads[0][name] - grads[1][name], weight * param.grad, atol=1e-5, rtol=1e-3, msg=name
+        )
+
+
+def test_rspo_forward_kl_conversational_anchor_from_initial_policy(tiny_model_path, tmp_path):
+    """μ = π_0 (no anchor path): μ's log-probs of its samples come from the initial policy, so the forward-KL
+    estimate is 0 at step 1; conversational μ samples are tokenised with the chat template, like `chosen`."""
+    data = _anchor_sample_dataset(conversational=True)
+    trainer = _make(
+        "rspo", tiny_model_path, tmp_path, dataset=data, max_steps=3,
+        regularizers={"forward_kl": 1.0, "reverse_kl": 0.5},
+    )  # fmt: skip
+    tokenizer = trainer.processing_class
+    for example, raw in zip(trainer.train_dataset, data):
+        full = tokenizer.apply_chat_template(raw["prompt"] + raw["anchor_completion"], tokenize=True)
+        full = list(full["input_ids"] if hasattr(full, "keys") else full)
+        assert example["prompt_ids"][: example["anchor_prompt_length"]] + example["anchor_completion_ids"] == full
+        assert example["anchor_prompt_length"] == len(example["prompt_ids"])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[0]["rspo/reg_forward_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert logs[0]["rspo/reg_reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[-1]["rspo/reg_forward_kl"] != pytest.approx(0.0, abs=1e-4)  # training moved the policy off μ
+    assert all(torch.isfinite(torch.tensor([entry["loss"] for entry in logs])))
+
+
+def test_rspo_collator_pads_and_truncates_anchor_samples():
+    from trl_selfplay.trainers.rspo import DataCollatorForRSPO
+
+    examples = [
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [5], "anchor_completion_ids": [6, 7, 8],
+         "anchor_prompt_length": 3, "anchor_completion_logps": -1.5},
+        {"prompt_ids": [9, 10], "chosen_ids": [11], "rejected_ids": [12], "anchor_completion_ids": [13],
+         "anchor_prompt_length": 1, "anchor_completion_logps": -2.5},
+    ]  # fmt: skip
+    batch = DataCollatorForRSPO(pad_token_id=0)(examples)
+    assert batch["anchor_input_ids"].tolist() == [[1, 2, 3, 6, 7, 8], [9, 13, 0, 0, 0, 0]]
+    assert batch["anchor_completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0]]
+    assert batch["anchor_attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]]
+    assert batch["anchor_completion_logps"].tolist() == [-1.5, -2.5]
+    kept_end = DataCollatorForRSPO(pad_token_id=0, max_length=4, truncation_mode="keep_end")(examples)
+    assert kept_end["anchor_input_ids"].tolist() == [[3, 6, 7, 8], [9, 13, 0, 0]]
+    assert kept_end["anchor_completion_mask"].tolist() == [[0, 1, 1, 1], [0, 1, 0, 0]]

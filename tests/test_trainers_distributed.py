@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "trainers_distributed.py"
 ZERO2_CONFIG = ROOT / "tests" / "configs" / "trainers_zero2_cpu.yaml"
 ZERO3_CONFIG = ROOT / "tests" / "configs" / "trainers_zero3_cpu.yaml"
+
+
+_PORT_TAKEN = re.compile(r"address already in use|EADDRINUSE", re.IGNORECASE)
 
 
 def _free_port() -> int:
@@ -33,17 +37,22 @@ def _launch(
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(extra_env or {}))
     env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *launch_args,
-        "--main_process_port",
-        str(_free_port()),
-        str(SCRIPT),
-        *script_args,
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    for _attempt in range(3):
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *launch_args,
+            "--main_process_port",
+            str(_free_port()),
+            str(SCRIPT),
+            *script_args,
+        ]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        # The port is free when picked but released before the launcher binds it: another process may take it in
+        # between. Only that failure is retried, on a new port.
+        if result.returncode == 0 or not _PORT_TAKEN.search(result.stderr):
+            break
     if expect_success:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -120,6 +129,32 @@ def test_deepspeed_zero3_two_processes(tiny_model_path, tmp_path, logprob_impl):
     # Full (gathered) parameters, not the 1-D shards, and every one of them was updated.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     assert result["shapes"] == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert result["changed"] == result["num_params"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_rspo_forward_kl_under_deepspeed_zero3_two_processes(perturbed_model_path, tiny_model_path, tmp_path):
+    """RSPO's forward KL runs a second policy forward per step (on the μ samples) before the backward; under
+    ZeRO-3 with 2 processes it gathers the partitioned parameters for both, and matches a 1-process run."""
+    out_file = tmp_path / "result.pt"
+    _launch(
+        ["--config_file", str(ZERO3_CONFIG)], ["rspo-forward-kl", perturbed_model_path, tiny_model_path, str(out_file)]
+    )
+    result = torch.load(out_file, weights_only=False)
+    assert result["zero_stage"] == 3 and result["world_size"] == 2
+    # Same global batch of 4 at step 1 (2 per process) as one process with 4: same μ log-probs, regularizer, loss.
+    single = _load_script().rspo_forward_kl(
+        perturbed_model_path, tiny_model_path, str(tmp_path / "single"), max_steps=1, per_device_train_batch_size=4
+    )
+    torch.testing.assert_close(
+        torch.tensor(result["anchor_completion_logps"]), torch.tensor(single["anchor_completion_logps"]),
+        atol=1e-4, rtol=1e-5,
+    )  # fmt: skip
+    assert abs(single["reg_forward_kl"][0]) > 1e-2  # the policy is a perturbed μ: a non-trivial value
+    assert result["reg_forward_kl"][0] == pytest.approx(single["reg_forward_kl"][0], rel=1e-4)
+    assert result["losses"][0] == pytest.approx(single["losses"][0], rel=1e-4)
+    assert len(result["losses"]) == 3 and torch.isfinite(torch.tensor(result["losses"])).all()
     assert result["changed"] == result["num_params"]
 
 

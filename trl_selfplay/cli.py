@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from trl_selfplay.loop import run_recipe
+    from trl_selfplay.loop import run_recipe, shutdown_distributed
 
     for recipe in recipes:
         try:
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         except RecipeError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    shutdown_distributed()
     return 0
 
 

@@ -3,6 +3,9 @@
 Per iteration t, each stage in `<output_dir>/iter_<t>/`:
 
     generations.jsonl   prompts of iteration t (RSPO: fold t) and K completions sampled from π_t
+    anchor_generations.jsonl
+                        RSPO with the `forward_kl` regularizer, when π_t ≠ μ: one completion per prompt sampled
+                        from the anchor μ (when π_t = μ, sample 0 of generations.jsonl is μ's sample)
     preferences.jsonl   RSPO: the K×K preference matrix per prompt, win probabilities, chosen / rejected indices
     train.jsonl         the TRL preference dataset (SPIN: plus the previous iterations' pairs)
     reference.json      π_t's log-probs of every pair, computed once before training (IRIS: D̂_t and α_t)
@@ -36,10 +39,12 @@ from typing import Any
 from trl_selfplay.recipes import (
     Recipe,
     RecipeError,
+    anchor_model,
     build_training_config,
     import_callable,
     iteration_dir,
     loop_training_defaults,
+    needs_anchor_samples,
     resolve_batch,
     start_model,
 )
@@ -66,6 +71,16 @@ def setup_distributed() -> None:
     accelerate and the Trainer's arguments both pick the gloo CPU backend instead of silently running N copies."""
     if _multi_process_cpu():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def shutdown_distributed() -> None:
+    """Wait for every process, then tear the process group down explicitly: left to interpreter exit, the gloo /
+    DeepSpeed CPU threads can abort one process after all the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        _barrier()
+        dist.destroy_process_group()
 
 
 def _multi_process_cpu() -> bool:
@@ -260,25 +275,27 @@ def iteration_examples(dataset, recipe: Recipe, t: int) -> list[dict[str, str]]:
     return examples
 
 
+def _format_response(response: str, template: str | None) -> str | list[dict[str, str]]:
+    """A response in TRL's format: plain text with a fixed template, else one assistant message."""
+    return response if template is not None else [{"role": "assistant", "content": response}]
+
+
+def _format_prompt(prompt: str, template: str | None) -> str | list[dict[str, str]]:
+    return template.replace("{prompt}", prompt) if template is not None else [{"role": "user", "content": prompt}]
+
+
 def _pair(prompt: str, chosen: str, rejected: str, template: str | None) -> dict[str, Any]:
     """TRL's preference format. A fixed template gives a plain-text prompt (the same string generation used);
     otherwise the conversational format, which TRL renders with the same chat template generation used."""
-    if template is not None:
-        return {"prompt": template.replace("{prompt}", prompt), "chosen": chosen, "rejected": rejected}
     return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
+        "prompt": _format_prompt(prompt, template),
+        "chosen": _format_response(chosen, template),
+        "rejected": _format_response(rejected, template),
     }
 
 
 def _sft_example(prompt: str, response: str, template: str | None) -> dict[str, Any]:
-    if template is not None:
-        return {"prompt": template.replace("{prompt}", prompt), "completion": response}
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "completion": [{"role": "assistant", "content": response}],
-    }
+    return {"prompt": _format_prompt(prompt, template), "completion": _format_response(response, template)}
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -529,8 +546,9 @@ class SelfPlayLoop:
             train_rows = self._sft_rows(r, t, examples)
         else:
             generations = self._generate(r, t, out, policy, examples)
+            anchor_samples = self._anchor_samples(r, t, out, policy, examples, generations)
             preferences = self._judge_stage(r, t, out, generations) if r.method == "rspo" else None
-            train_rows = self._dataset_stage(r, t, out, generations, preferences)
+            train_rows = self._dataset_stage(r, t, out, generations, preferences, anchor_samples)
 
         if not (out / "model").exists():
             if r.method == "sft":
@@ -554,15 +572,26 @@ class SelfPlayLoop:
         return [_sft_example(e["prompt"], e["response"], r.generation.prompt_template) for e in examples]
 
     # -- stage: generate
-    def _generate(self, r: Recipe, t: int, out: Path, policy: str, examples: list[dict]) -> list[dict]:
-        path = out / "generations.jsonl"
+    def _generate(
+        self,
+        r: Recipe,
+        t: int,
+        out: Path,
+        policy: str,
+        examples: list[dict],
+        name: str = "generations",
+        num_samples: int | None = None,
+        seed: int | None = None,
+    ) -> list[dict]:
+        path = out / f"{name}.jsonl"
         if path.exists():
-            self._log(f"iteration {t}: generations done, skipping")
+            self._log(f"iteration {t}: {name} done, skipping")
             return _read_jsonl(path)
         from trl_selfplay.generation import generate_completions
 
         g = r.generation
-        self._log(f"iteration {t}: generating {g.num_samples} completion(s) for {len(examples)} prompts")
+        num_samples = g.num_samples if num_samples is None else num_samples
+        self._log(f"iteration {t}: {name}: {num_samples} completion(s) for {len(examples)} prompts from {policy}")
         tokenizer = _load_tokenizer(r, policy)
         backend_kwargs = dict(g.backend_kwargs)
         if g.backend == "vllm":
@@ -581,11 +610,11 @@ class SelfPlayLoop:
             [e["prompt"] for e in examples],
             tokenizer=tokenizer,
             backend=g.backend,
-            num_samples=g.num_samples,
+            num_samples=num_samples,
             temperature=g.temperature,
             top_p=g.top_p,
             max_new_tokens=g.max_new_tokens,
-            seed=g.seed + t,
+            seed=g.seed + t if seed is None else seed,
             prompt_template=g.prompt_template,
             batch_size=g.batch_size,
             accelerator=_state(),
@@ -598,9 +627,24 @@ class SelfPlayLoop:
             for e, c, n in zip(examples, output.completions, output.num_tokens)
         ]
         if _is_main():
-            _atomic_write_jsonl(path, rows, pause=(r, "generate", t))
+            _atomic_write_jsonl(path, rows, pause=(r, "generate" if name == "generations" else name, t))
         _barrier()
         return rows
+
+    def _anchor_samples(
+        self, r: Recipe, t: int, out: Path, policy: str, examples: list[dict], generations: list[dict]
+    ) -> list[str] | None:
+        """RSPO's `forward_kl`: one response per prompt sampled from μ. When π_t is μ (iteration 0 without a
+        separate anchor) sample 0 of π_t's K samples is one; otherwise μ samples once more, with its own seed."""
+        if not needs_anchor_samples(r):
+            return None
+        anchor = anchor_model(r)
+        if anchor == policy:
+            return [g["completions"][0] for g in generations]
+        # A seed range apart from the policy's (g.seed + t), so μ's sampling noise is not π_t's.
+        seed = r.generation.seed + 1_000_003 + t
+        rows = self._generate(r, t, out, anchor, examples, name="anchor_generations", num_samples=1, seed=seed)
+        return [row["completions"][0] for row in rows]
 
     # -- stage: judge (RSPO)
     def _judge_stage(self, r: Recipe, t: int, out: Path, generations: list[dict]) -> list[dict]:
@@ -650,7 +694,13 @@ class SelfPlayLoop:
 
     # -- stage: dataset
     def _dataset_stage(
-        self, r: Recipe, t: int, out: Path, generations: list[dict], preferences: list[dict] | None
+        self,
+        r: Recipe,
+        t: int,
+        out: Path,
+        generations: list[dict],
+        preferences: list[dict] | None,
+        anchor_samples: list[str] | None = None,
     ) -> list[dict]:
         path = out / "train.jsonl"
         if path.exists():
@@ -664,6 +714,8 @@ class SelfPlayLoop:
                 row["chosen_win_prob"] = pref["win_probs"][c]
                 row["rejected_win_prob"] = pref["win_probs"][l_]
                 rows.append(row)
+            for row, sample in zip(rows, anchor_samples or []):
+                row["anchor_completion"] = _format_response(sample, template)
         else:
             mix = r.data.mix_previous_iterations
             mix = (1 if r.method == "spin" else 0) if mix is None else mix
@@ -685,9 +737,11 @@ class SelfPlayLoop:
         training = resolve_batch(r, r.training, _state().num_processes)
         defaults = {**loop_training_defaults(r.method), "model_init_kwargs": _model_kwargs(r, policy)}
         if r.method == "rspo" and "anchor_model_name_or_path" not in training:
-            anchor = r.model.anchor_name_or_path or start_model(r, 0)
+            anchor = anchor_model(r)
             # At iteration 0 without an explicit anchor, μ is the policy itself (the trainer reuses the reference).
             defaults["anchor_model_name_or_path"] = None if anchor == policy else anchor
+            if anchor != policy and "revision" in _model_kwargs(r, anchor):
+                defaults["anchor_model_init_kwargs"] = {"revision": _model_kwargs(r, anchor)["revision"]}
         config = build_training_config(r.method, training, str(out / "trainer"), defaults=defaults)
         tokenizer = _load_tokenizer(r, policy)
         trainer_cls = _trainer_class(r.method)

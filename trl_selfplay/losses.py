@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 SPIN_LOSS_TYPES = ("sigmoid", "hinge")
-RSPO_REGULARIZERS = ("reverse_kl", "forward_kl_is", "chi2")
+RSPO_REGULARIZERS = ("reverse_kl", "forward_kl_is", "chi2", "forward_kl")
 ALPHA_SCHEDULES = ("constant", "linear", "adaptive")
 # Below this distance to a singular order, the exact limit is used (the closed form divides by ~0).
 _ORDER_EPS = 1e-4
@@ -213,8 +213,12 @@ def rspo_regularizer(
     - `reverse_kl`: :math:`d^2`
     - `forward_kl_is`: :math:`e^{\min(-d,\,c)}` (μ/πθ, importance-sampled forward KL)
     - `chi2`: :math:`e^{\min(d,\,c)}` (πθ/μ)
+    - `forward_kl`: :math:`-d = \log\mu(y|x) - \log\pi_\theta(y|x)` for a response **sampled from μ**: its mean is a
+      Monte-Carlo estimate of :math:`\mathrm{KL}(\mu\,\|\,\pi_\theta)`, and its gradient is that of the NLL of μ's
+      samples, :math:`-\nabla\log\pi_\theta(y|x)` (the log μ term is a constant).
 
-    The trainer adds λ·(mean over chosen + mean over rejected) of each, as the reference RSPO code does.
+    The trainer adds λ·(mean over chosen + mean over rejected) of the first three, as the reference RSPO code does,
+    and λ·(mean over the μ samples, one per pair) of `forward_kl`, which is meaningless on the self-play samples.
 
     Returns:
         The per-sequence regularizer values.
@@ -228,6 +232,8 @@ def rspo_regularizer(
         return torch.exp(torch.clamp(-log_ratio, max=log_ratio_clip))
     if kind == "chi2":
         return torch.exp(torch.clamp(log_ratio, max=log_ratio_clip))
+    if kind == "forward_kl":
+        return -log_ratio
     raise ValueError(f"`kind` must be one of {RSPO_REGULARIZERS}, got {kind!r}.")
 
 

@@ -7,6 +7,8 @@ single-process reference run).
         smoke <policy_path> <out_file>
     accelerate launch --config_file tests/configs/<cfg>.yaml tests/scripts/trainers_distributed.py \
         smoke-impl <policy_path> <fused|direct> <out_file>
+    accelerate launch --config_file tests/configs/<cfg>.yaml tests/scripts/trainers_distributed.py \
+        rspo-forward-kl <policy_path> <anchor_path> <out_file>
 """
 
 import contextlib
@@ -20,7 +22,8 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
-from trl_selfplay import IRISConfig, IRISTrainer, SPINConfig, SPINTrainer  # noqa: E402
+from trl_selfplay import IRISConfig, IRISTrainer, RSPOConfig, RSPOTrainer, SPINConfig, SPINTrainer  # noqa: E402
+from trl_selfplay.loop import shutdown_distributed  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -43,19 +46,29 @@ REAL = [
     " please",
 ]
 GENERATED = [" London", " one two", " dog", " cat fish", " The Earth pulls.", " five six", " tree", " house bird"]
+ANCHOR_SAMPLES = [" Paris!", " It has eight.", " hi", " Waves.", " Down it goes.", " four five", " pink", " ok"]
+WIN_PROBS = [0.9, 0.8, 0.7, 0.6, 0.9, 0.8, 0.7, 0.6]
 COMMON = dict(report_to="none", gradient_checkpointing=False, save_strategy="no", seed=0, logging_steps=1)
 
 
-def dataset(directory: str) -> Dataset:
+def dataset(directory: str, rspo: bool = False) -> Dataset:
     """The dataset saved to and loaded from disk: TRL's reference precompute shares its result between processes
-    through a cache file next to the dataset's files, which an in-memory dataset lacks (one temp dir per process)."""
+    through a cache file next to the dataset's files, which an in-memory dataset lacks (one temp dir per process).
+    `rspo`: with win probabilities and one μ sample per prompt."""
     from accelerate import PartialState
     from datasets import load_from_disk
 
     path = os.path.join(directory, "dataset")
+    columns = {"prompt": PROMPTS, "chosen": REAL, "rejected": GENERATED}
+    if rspo:
+        columns.update(
+            chosen_win_prob=WIN_PROBS,
+            rejected_win_prob=[1 - p for p in WIN_PROBS],
+            anchor_completion=ANCHOR_SAMPLES,
+        )
     with PartialState().main_process_first():
         if not os.path.exists(path):
-            Dataset.from_dict({"prompt": PROMPTS, "chosen": REAL, "rejected": GENERATED}).save_to_disk(path)
+            Dataset.from_dict(columns).save_to_disk(path)
     return load_from_disk(path)
 
 
@@ -160,6 +173,40 @@ def smoke(policy_path: str, out_dir: str, **config) -> dict:
     }
 
 
+def rspo_forward_kl(policy_path: str, anchor_path: str, out_dir: str, max_steps: int = 3, **config) -> dict:
+    """RSPO with the forward-KL regularizer (a second policy forward per step, on the μ samples), μ loaded by path
+    for the precompute."""
+    args = RSPOConfig(
+        out_dir,
+        max_steps=max_steps,
+        learning_rate=1e-3,
+        beta=0.01,
+        regularizers={"forward_kl": 1.0},
+        anchor_model_name_or_path=anchor_path,
+        precompute_ref_log_probs=True,
+        **{"per_device_train_batch_size": 2, **COMMON, **config},
+    )
+    trainer = RSPOTrainer(
+        policy_path,
+        args=args,
+        train_dataset=dataset(out_dir, rspo=True),
+        processing_class=AutoTokenizer.from_pretrained(policy_path),
+    )
+    before = _full_parameters(trainer.model)
+    trainer.train()
+    after = _full_parameters(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    return {
+        "losses": [e["loss"] for e in logs],
+        "reg_forward_kl": [e["rspo/reg_forward_kl"] for e in logs],
+        "anchor_completion_logps": trainer.train_dataset["anchor_completion_logps"],
+        "changed": sum(not torch.equal(after[n], before[n]) for n in before),
+        "num_params": len(before),
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "world_size": trainer.accelerator.num_processes,
+    }
+
+
 def main() -> None:
     mode, *rest = sys.argv[1:]
     out_file = rest[-1]
@@ -170,12 +217,15 @@ def main() -> None:
         result = smoke(rest[0], out_dir)
     elif mode == "smoke-impl":
         result = smoke(rest[0], out_dir, logprob_impl=rest[1])
+    elif mode == "rspo-forward-kl":
+        result = rspo_forward_kl(rest[0], rest[1], out_dir)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         torch.save(result, out_file)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

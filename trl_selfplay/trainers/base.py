@@ -421,9 +421,13 @@ class SelfPlayTrainerBase(DPOTrainer):
             adapter_context,
             self.accelerator.autocast(),
         ):
-            outputs = self._per_token_logps(model, inputs)
+            return self._sequence_logps(model, inputs).chunk(2, dim=0)
+
+    def _sequence_logps(self, model, inputs) -> torch.Tensor:
+        """Per-sequence sums of the completion-token log-probs `[B]` of one padded batch (`input_ids`,
+        `attention_mask`, `completion_mask`); differentiable unless the caller disables gradients."""
         seq_len = inputs["completion_mask"].size(1) - 1
-        return outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+        return self._per_token_logps(model, inputs).log_probs[:, -seq_len:].sum(dim=1)
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         # Reference columns supplied with the dataset (e.g. by the multi-iteration runner, which needs the reference

@@ -16,8 +16,9 @@ import torch
 from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import create_model_from_path
+from trl.trainer.utils import create_model_from_path, global_then_local_main_first, pad
 
 from trl_selfplay.losses import RSPO_REGULARIZERS, rspo_regularizer, sppo_loss
 from trl_selfplay.trainers.base import SelfPlayBatch, SelfPlayConfig, SelfPlayTrainerBase, install_selfplay_head
@@ -26,6 +27,13 @@ logger = get_logger(__name__)
 
 WIN_PROB_COLUMNS = ("chosen_win_prob", "rejected_win_prob")
 ANCHOR_COLUMNS = ("anchor_chosen_logps", "anchor_rejected_logps")
+# The `forward_kl` regularizer: a response sampled from μ per prompt (same format as `chosen`), μ's log-prob of it
+# (precomputed once), and its tokenisation (prompt_ids[:anchor_prompt_length] + anchor_completion_ids).
+ANCHOR_SAMPLE_COLUMN = "anchor_completion"
+ANCHOR_SAMPLE_LOGPS_COLUMN = "anchor_completion_logps"
+ANCHOR_SAMPLE_TOKEN_COLUMNS = ("anchor_completion_ids", "anchor_prompt_length")
+# The policy's log-prob of the μ sample, computed in the training forward and handed to the loss with the batch.
+_POLICY_ANCHOR_SAMPLE_LOGPS = "policy_anchor_completion_logps"
 UPDATE_DIRECTIONS = ("sppo", "omd")
 
 
@@ -41,8 +49,10 @@ class RSPOConfig(SelfPlayConfig):
             `"sppo"` (the squared SPPO loss), optionally with `"sft"` added (weighted by `loss_weights`).
         regularizers (`dict[str, float]`, *optional*, defaults to `{}`):
             Regularizers towards the anchor μ (the initial model) and their weights λ ≥ 0, among `"reverse_kl"`,
-            `"forward_kl_is"` and `"chi2"`, e.g. `{"reverse_kl": 0.5, "forward_kl_is": 0.1}` (the paper's best). Each
-            adds λ·(mean over chosen + mean over rejected). Empty = SPPO.
+            `"forward_kl_is"`, `"chi2"` and `"forward_kl"`, e.g. `{"reverse_kl": 0.5, "forward_kl_is": 0.1}` (the
+            paper's best). The first three add λ·(mean over chosen + mean over rejected); `"forward_kl"` adds λ·mean
+            of log μ(y) − log π_θ(y) over responses y sampled from μ, one per pair, read from the dataset column
+            `anchor_completion` (see [`RSPOTrainer`]). Empty = SPPO.
         log_ratio_clip (`float`, *optional*, defaults to `10.0`):
             Clip c of the log-ratio before exponentiating in `forward_kl_is` and `chi2`.
         update_direction (`str`, *optional*, defaults to `"sppo"`):
@@ -57,10 +67,13 @@ class RSPOConfig(SelfPlayConfig):
         anchor_model_name_or_path (`str`, *optional*):
             Path or Hub id of μ when it is not the model being trained (e.g. iterations t ≥ 1 of a multi-iteration
             run, where the policy starts from π_t). Loaded only for the precompute, then freed.
+        anchor_model_init_kwargs (`dict[str, Any]`, *optional*):
+            Keyword arguments for loading the anchor, on top of `model_init_kwargs` (e.g. `{"revision": "<sha>"}`
+            when μ is a pinned Hub checkpoint while the policy is a local one).
     """
 
     _method_loss_types: ClassVar[tuple[str, ...]] = ("sppo",)
-    _VALID_DICT_FIELDS = SelfPlayConfig._VALID_DICT_FIELDS + ["regularizers"]
+    _VALID_DICT_FIELDS = SelfPlayConfig._VALID_DICT_FIELDS + ["regularizers", "anchor_model_init_kwargs"]
 
     beta: float = field(default=0.001, metadata={"help": "β = 1/η of SPPO (default 0.001, η = 1000)."})
     loss_type: list[str] = field(
@@ -72,7 +85,8 @@ class RSPOConfig(SelfPlayConfig):
         default_factory=dict,
         metadata={
             "help": "Regularizers towards the anchor and their weights, e.g. "
-            '{"reverse_kl": 0.5, "forward_kl_is": 0.1}. Kinds: reverse_kl, forward_kl_is, chi2.'
+            '{"reverse_kl": 0.5, "forward_kl_is": 0.1}. Kinds: reverse_kl, forward_kl_is, chi2, forward_kl (needs '
+            "an `anchor_completion` column of responses sampled from the anchor)."
         },
     )
     log_ratio_clip: float = field(
@@ -93,6 +107,10 @@ class RSPOConfig(SelfPlayConfig):
     anchor_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Path or Hub id of the anchor μ when it is not the model being trained."},
+    )
+    anchor_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for loading the anchor, on top of `model_init_kwargs`."},
     )
 
     def __post_init__(self):
@@ -130,24 +148,94 @@ class RSPOConfig(SelfPlayConfig):
         super().__post_init__()
 
     @property
+    def needs_anchor_logps(self) -> bool:
+        """Whether the loss reads μ's log-probs of the chosen / rejected responses."""
+        return self.update_direction == "omd" or any(
+            weight > 0 for kind, weight in self.regularizers.items() if kind != "forward_kl"
+        )
+
+    @property
+    def needs_anchor_samples(self) -> bool:
+        """Whether the loss reads responses sampled from μ (the `forward_kl` regularizer)."""
+        return self.regularizers.get("forward_kl", 0.0) > 0
+
+    @property
     def needs_anchor(self) -> bool:
-        """Whether the loss reads the anchor log-prob columns."""
-        return self.update_direction == "omd" or any(weight > 0 for weight in self.regularizers.values())
+        """Whether the loss needs anything computed with the anchor μ."""
+        return self.needs_anchor_logps or self.needs_anchor_samples
+
+    @property
+    def anchor_columns(self) -> tuple[str, ...]:
+        """The precomputed anchor columns the loss reads."""
+        return (ANCHOR_COLUMNS if self.needs_anchor_logps else ()) + (
+            (ANCHOR_SAMPLE_LOGPS_COLUMN,) if self.needs_anchor_samples else ()
+        )
 
 
 @dataclass
 class DataCollatorForRSPO(DataCollatorForPreference):
     """TRL's preference collator that also carries per-example float columns (win probabilities, anchor
-    log-probs) into the batch as 1-D tensors."""
+    log-probs) into the batch as 1-D tensors, and, when the examples have a tokenised μ sample
+    (`anchor_completion_ids`), pads prompt + μ sample into `anchor_input_ids`, `anchor_attention_mask` and
+    `anchor_completion_mask` (truncated like the pairs)."""
 
-    extra_columns: tuple[str, ...] = WIN_PROB_COLUMNS + ANCHOR_COLUMNS
+    extra_columns: tuple[str, ...] = WIN_PROB_COLUMNS + ANCHOR_COLUMNS + (ANCHOR_SAMPLE_LOGPS_COLUMN,)
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         output = super().torch_call(examples)
         for name in self.extra_columns:
             if name in examples[0]:
                 output[name] = torch.tensor([float(example[name]) for example in examples], dtype=torch.float32)
+        if "anchor_completion_ids" in examples[0]:
+            output.update(self._anchor_sample_batch(examples))
         return output
+
+    def _anchor_sample_batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, masks = [], []
+        for example in examples:
+            prompt = example["prompt_ids"][: example["anchor_prompt_length"]]
+            ids.append(prompt + example["anchor_completion_ids"])
+            masks.append([0] * len(prompt) + [1] * len(example["anchor_completion_ids"]))
+        if self.max_length is not None:
+            keep = (
+                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            )
+            ids, masks = [x[keep] for x in ids], [m[keep] for m in masks]
+
+        def padded(rows: list[list[int]], value: int) -> torch.Tensor:
+            tensors = [torch.tensor(row, dtype=torch.long) for row in rows]
+            return pad(tensors, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+
+        return {
+            "anchor_input_ids": padded(ids, self.pad_token_id),
+            "anchor_attention_mask": padded([[1] * len(x) for x in ids], 0),
+            "anchor_completion_mask": padded(masks, 0),
+        }
+
+
+def _anchor_sample_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": batch["anchor_input_ids"],
+        "attention_mask": batch["anchor_attention_mask"],
+        "completion_mask": batch["anchor_completion_mask"],
+    }
+
+
+def _tokenize_anchor_sample(example: dict[str, Any], processing_class, eos_token: str) -> dict[str, Any]:
+    """Tokenise prompt + μ sample as TRL tokenises prompt + chosen; the μ sample's tokens start where they diverge
+    from the example's (already tokenised) `prompt_ids`."""
+    completion = example[ANCHOR_SAMPLE_COLUMN]
+    if is_conversational(example):
+        tools = example.get("tools")
+        kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools}
+        kwargs.update(example.get("chat_template_kwargs") or {})
+        full = _tokenize(processing_class, example["prompt"] + completion, **kwargs)["input_ids"]
+    else:
+        if not completion.endswith(eos_token):  # as TRL does for chosen / rejected
+            completion += eos_token
+        full = _tokenize(processing_class, example["prompt"] + completion)["input_ids"]
+    prompt_length = common_prefix_length(example["prompt_ids"], full)
+    return {"anchor_completion_ids": full[prompt_length:], "anchor_prompt_length": prompt_length}
 
 
 def _column_names(dataset) -> list[str]:
@@ -162,6 +250,11 @@ class RSPOTrainer(SelfPlayTrainerBase):
     (lowest-judged), `chosen_win_prob` and `rejected_win_prob` (estimated P(y ≻ π_t) in [0, 1], see
     `trl_selfplay.losses.win_probabilities`), and optionally the anchor columns `anchor_chosen_logps` /
     `anchor_rejected_logps` (else precomputed once, see `RSPOConfig.precompute_anchor_log_probs`).
+
+    The `forward_kl` regularizer also needs `anchor_completion`: one response per prompt sampled from μ, in the
+    format of `chosen` (e.g. `generate_completions(anchor, prompts, num_samples=1)`; at the first iteration, when
+    π_0 = μ, any one of the self-play samples is one). μ's log-prob of it, `anchor_completion_logps`, is
+    precomputed like the other anchor columns; the policy's log-prob of it takes one more forward per step.
 
     With `precompute_ref_log_probs=True` and the anchor columns present or precomputed, training holds ONE model.
     Logs TRL's DPO metrics plus `rspo/sppo_loss` and `rspo/reg_<kind>` for each configured regularizer.
@@ -192,7 +285,7 @@ class RSPOTrainer(SelfPlayTrainerBase):
                 truncation_mode=base.truncation_mode,
                 pad_to_multiple_of=base.pad_to_multiple_of,
             )
-        if self.args.needs_anchor:
+        if self.args.anchor_columns:
             self.train_dataset = self._ensure_anchor_columns(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self._ensure_anchor_columns(v, k) for k, v in self.eval_dataset.items()}
@@ -226,47 +319,90 @@ class RSPOTrainer(SelfPlayTrainerBase):
                             f"{label} column `{name}` must hold probabilities in [0, 1], got values in "
                             f"[{values.min().item()}, {values.max().item()}]; rescale the judge's output to [0, 1]."
                         )
-            has_anchor = all(name in names for name in ANCHOR_COLUMNS)
-            if args.needs_anchor and not has_anchor and not args.precompute_anchor_log_probs:
+            if args.needs_anchor_samples and not any(
+                name in names for name in (ANCHOR_SAMPLE_COLUMN, ANCHOR_SAMPLE_TOKEN_COLUMNS[0])
+            ):
+                raise ValueError(
+                    f"The `forward_kl` regularizer needs responses sampled from the anchor mu, but {label} lacks the "
+                    f"column `{ANCHOR_SAMPLE_COLUMN}`. Add one response per prompt sampled from mu (same format as "
+                    "`chosen`, e.g. with `trl_selfplay.generation.generate_completions(anchor, prompts, "
+                    "num_samples=1)`), or use the importance-sampled `forward_kl_is` instead."
+                )
+            if args.needs_anchor_samples and "prompt" not in names and "prompt_ids" not in names:
+                raise ValueError(
+                    f"{label} has an implicit prompt (no `prompt` column); with `{ANCHOR_SAMPLE_COLUMN}` the prompt "
+                    "must be an explicit `prompt` column."
+                )
+            missing = [name for name in args.anchor_columns if name not in names]
+            if missing and not args.precompute_anchor_log_probs:
                 raise ValueError(
                     f"The configured regularizers / update_direction need the anchor log-probs, but {label} lacks "
-                    f"the columns {list(ANCHOR_COLUMNS)} and `precompute_anchor_log_probs=False`. Set "
+                    f"the columns {missing} and `precompute_anchor_log_probs=False`. Set "
                     "precompute_anchor_log_probs=True or add the columns."
                 )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for name in WIN_PROB_COLUMNS + ANCHOR_COLUMNS:
+        for name in WIN_PROB_COLUMNS + ANCHOR_COLUMNS + (ANCHOR_SAMPLE_LOGPS_COLUMN, *ANCHOR_SAMPLE_TOKEN_COLUMNS):
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        names = _column_names(dataset)
+        if ANCHOR_SAMPLE_COLUMN not in names or ANCHOR_SAMPLE_TOKEN_COLUMNS[0] in names:
+            return dataset
+        map_kwargs: dict[str, Any] = {}
+        if isinstance(dataset, Dataset):  # `IterableDataset.map` takes neither
+            map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing anchor samples of {dataset_name}"}
+        with global_then_local_main_first():
+            return dataset.map(
+                _tokenize_anchor_sample,
+                fn_kwargs={"processing_class": processing_class, "eos_token": self._tokenizer.eos_token},
+                **map_kwargs,
+            )
+
     # -- anchor precompute -------------------------------------------------------------------------------------
     def _ensure_anchor_columns(self, dataset, name: str):
-        if dataset is None or all(column in _column_names(dataset) for column in ANCHOR_COLUMNS):
+        missing = [] if dataset is None else [c for c in self.args.anchor_columns if c not in _column_names(dataset)]
+        if not missing:
             return dataset
         if isinstance(dataset, IterableDataset):
             raise ValueError(
                 "Precomputing the anchor log-probs needs a map-style `Dataset`; pass one, or add the columns "
-                f"{list(ANCHOR_COLUMNS)} yourself."
+                f"{missing} yourself."
             )
         names = _column_names(dataset)
+        pairs = any(column in missing for column in ANCHOR_COLUMNS)
         if (
-            self.args.anchor_model_name_or_path is None
+            pairs
+            and self.args.anchor_model_name_or_path is None
             and not self._ref_model_given
             and all(column in names for column in ("ref_chosen_logps", "ref_rejected_logps"))
         ):
             # μ = the initial model = the reference (TRL's default ref): one forward pass serves both.
             logger.info(f"Anchor log-probs of the {name} dataset: copied from the reference log-probs (μ = π_0).")
             dataset = dataset.add_column("anchor_chosen_logps", list(dataset["ref_chosen_logps"]))
-            return dataset.add_column("anchor_rejected_logps", list(dataset["ref_rejected_logps"]))
+            dataset = dataset.add_column("anchor_rejected_logps", list(dataset["ref_rejected_logps"]))
+            pairs = False
+        samples = ANCHOR_SAMPLE_LOGPS_COLUMN in missing
+        if not (pairs or samples):
+            return dataset
 
         if self.args.anchor_model_name_or_path is not None:
             init_kwargs = dict(self.args.model_init_kwargs or {})
+            init_kwargs.update(self.args.anchor_model_init_kwargs or {})
             init_kwargs.setdefault("dtype", self.model.dtype)
             init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
             anchor = create_model_from_path(self.args.anchor_model_name_or_path, **init_kwargs)
-            anchor.to(self.accelerator.device).eval()
             install_selfplay_head(anchor)
+            if self.is_deepspeed_enabled:
+                # Under ZeRO-3 transformers loads it partitioned: only an inference engine gathers the parameters.
+                from trl.models import prepare_deepspeed
+
+                anchor = prepare_deepspeed(anchor, self.accelerator)
+            else:
+                anchor.to(self.accelerator.device).eval()
         elif self.is_deepspeed_enabled:
             from trl.models import prepare_deepspeed
 
@@ -275,21 +411,26 @@ class RSPOTrainer(SelfPlayTrainerBase):
             anchor = self._precompute_engine
         else:
             anchor = self.model  # the initial policy, before any training step
-        chosen, rejected = self._precompute_sequence_logps(anchor, dataset, name)
+        columns = self._precompute_anchor_logps(anchor, dataset, name, pairs=pairs, samples=samples)
         if anchor is not self.model and anchor is not self._precompute_engine:
             del anchor
             gc.collect()
-        dataset = dataset.add_column("anchor_chosen_logps", chosen.tolist())
-        return dataset.add_column("anchor_rejected_logps", rejected.tolist())
+        for column, values in columns.items():
+            dataset = dataset.add_column(column, values.tolist())
+        return dataset
 
-    def _precompute_sequence_logps(self, model, dataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _precompute_anchor_logps(
+        self, model, dataset, name: str, pairs: bool, samples: bool
+    ) -> dict[str, torch.Tensor]:
+        """μ's sequence log-probs, in one pass over the dataset: of chosen / rejected (`pairs`) and of the μ samples
+        (`samples`)."""
         from tqdm.auto import tqdm
 
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         loader = self.accelerator.prepare(
             DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         )
-        chosen_all, rejected_all = [], []
+        results: dict[str, list[torch.Tensor]] = {}
         was_training = model.training
         model.eval()
         for batch in tqdm(
@@ -297,21 +438,39 @@ class RSPOTrainer(SelfPlayTrainerBase):
             desc=f"Computing anchor log probs for {name} dataset",
             disable=bool(os.environ.get("TQDM_DISABLE", "")) or not self.accelerator.is_local_main_process,
         ):
+            values: dict[str, torch.Tensor] = {}
             with torch.no_grad(), self.accelerator.autocast():
-                outputs = self._per_token_logps(model, batch)
-            seq_len = batch["completion_mask"].size(1) - 1
-            chosen, rejected = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
-            chosen, rejected = self.accelerator.gather_for_metrics((chosen, rejected))
-            chosen_all.append(chosen.float().cpu())
-            rejected_all.append(rejected.float().cpu())
+                if pairs:
+                    values["anchor_chosen_logps"], values["anchor_rejected_logps"] = self._sequence_logps(
+                        model, batch
+                    ).chunk(2, dim=0)
+                if samples:
+                    values[ANCHOR_SAMPLE_LOGPS_COLUMN] = self._sequence_logps(model, _anchor_sample_inputs(batch))
+            for column, value in self.accelerator.gather_for_metrics(values).items():
+                results.setdefault(column, []).append(value.float().cpu())
         model.train(was_training)
-        return torch.cat(chosen_all), torch.cat(rejected_all)
+        return {column: torch.cat(parts) for column, parts in results.items()}
 
     # -- loss ----------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.args.needs_anchor_samples:
+            if "anchor_input_ids" not in inputs:
+                raise ValueError(
+                    "The batch lacks the μ samples (`anchor_input_ids`) the `forward_kl` regularizer needs: a custom "
+                    "`data_collator` must pad them (see `DataCollatorForRSPO`), and datasets passed to `evaluate()` "
+                    f"need the `{ANCHOR_SAMPLE_COLUMN}` column."
+                )
+            # One more policy forward, on prompt + μ sample, whose log-probs carry gradients into the loss.
+            inputs = {
+                **inputs,
+                _POLICY_ANCHOR_SAMPLE_LOGPS: self._sequence_logps(model, _anchor_sample_inputs(inputs)),
+            }
+        return super()._compute_loss(model, inputs, return_outputs)
+
     def selfplay_loss(self, batch: SelfPlayBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         args = self.args
         columns = batch.columns
-        needed = WIN_PROB_COLUMNS + (ANCHOR_COLUMNS if args.needs_anchor else ())
+        needed = WIN_PROB_COLUMNS + args.anchor_columns
         missing = [name for name in needed if name not in columns]
         if missing:
             raise ValueError(
@@ -324,7 +483,7 @@ class RSPOTrainer(SelfPlayTrainerBase):
         rejected_win_prob = columns["rejected_win_prob"].to(dtype)
         ref_chosen, ref_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
         anchor_chosen = anchor_rejected = None
-        if args.needs_anchor:
+        if args.needs_anchor_logps:
             anchor_chosen = columns["anchor_chosen_logps"].to(dtype)
             anchor_rejected = columns["anchor_rejected_logps"].to(dtype)
         target_ref_chosen, target_ref_rejected = ref_chosen, ref_rejected
@@ -346,16 +505,24 @@ class RSPOTrainer(SelfPlayTrainerBase):
         loss = losses.mean()
         metrics: dict[str, torch.Tensor | float] = {"rspo/sppo_loss": loss.detach()}
         for kind, weight in args.regularizers.items():
-            if anchor_chosen is None:  # only zero weights configured and no anchor columns needed
+            if kind == "forward_kl":
+                if not args.needs_anchor_samples:  # weight 0: nothing computed
+                    continue
+                # On μ's samples (one per pair): mean of log μ(y) − log π_θ(y), an estimate of KL(μ ‖ π_θ).
+                value = rspo_regularizer(
+                    columns[_POLICY_ANCHOR_SAMPLE_LOGPS], columns[ANCHOR_SAMPLE_LOGPS_COLUMN].to(dtype), kind
+                ).mean()
+            elif anchor_chosen is None:  # only zero weights configured and no anchor columns needed
                 continue
-            value = (
-                rspo_regularizer(
-                    batch.policy_chosen_logps, anchor_chosen, kind, log_ratio_clip=args.log_ratio_clip
-                ).mean()
-                + rspo_regularizer(
-                    batch.policy_rejected_logps, anchor_rejected, kind, log_ratio_clip=args.log_ratio_clip
-                ).mean()
-            )
+            else:
+                value = (
+                    rspo_regularizer(
+                        batch.policy_chosen_logps, anchor_chosen, kind, log_ratio_clip=args.log_ratio_clip
+                    ).mean()
+                    + rspo_regularizer(
+                        batch.policy_rejected_logps, anchor_rejected, kind, log_ratio_clip=args.log_ratio_clip
+                    ).mean()
+                )
             if weight > 0:
                 loss = loss + weight * value
             metrics[f"rspo/reg_{kind}"] = value.detach()
