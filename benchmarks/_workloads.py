@@ -102,8 +102,9 @@ def random_token_ids(workload: Workload, seed: int = 0) -> dict[str, list[list[i
     }
 
 
-def preference_dataset(workload: Workload, seed: int = 0, win_probs: bool = False):
-    """TRL-style `prompt` / `chosen` / `rejected` text dataset of random words (plus random RSPO win-prob columns)."""
+def preference_dataset(workload: Workload, seed: int = 0, win_probs: bool = False, anchor_samples: bool = False):
+    """TRL-style `prompt` / `chosen` / `rejected` text dataset of random words (plus random RSPO win-prob columns,
+    and with `anchor_samples` an `anchor_completion` column: the chosen words of the next example, same length)."""
     import numpy as np
     from datasets import Dataset
 
@@ -121,4 +122,6 @@ def preference_dataset(workload: Workload, seed: int = 0, win_probs: bool = Fals
         rng = np.random.default_rng(seed + 1)
         columns["chosen_win_prob"] = rng.uniform(0.0, 1.0, workload.num_examples).tolist()
         columns["rejected_win_prob"] = rng.uniform(0.0, 1.0, workload.num_examples).tolist()
+    if anchor_samples:
+        columns["anchor_completion"] = columns["chosen"][1:] + columns["chosen"][:1]
     return Dataset.from_dict(columns)
