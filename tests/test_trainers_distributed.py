@@ -95,11 +95,12 @@ def test_iris_two_processes_match_one_process_on_the_global_batch(perturbed_mode
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_deepspeed_zero2_smoke(tiny_model_path, tmp_path):
-    """SPIN under DeepSpeed ZeRO-2 on CPU through accelerate (the first run compiles a DeepSpeed op, ~1 min)."""
+    """SPIN under DeepSpeed ZeRO-2 on CPU through accelerate, 2 processes (the first run compiles a DeepSpeed op)."""
     out_file = tmp_path / "result.pt"
     _launch(["--config_file", str(ZERO2_CONFIG)], ["smoke", tiny_model_path, str(out_file)])
     result = torch.load(out_file, weights_only=False)
     assert result["deepspeed"] and result["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert result["zero_stage"] == 2 and result["world_size"] == 2
     assert result["ref_model_is_none"]  # reference precomputed through TRL's DeepSpeed inference engine
     assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert result["losses"][0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1: log 2
