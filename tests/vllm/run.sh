@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${VLLM_VENV:-.venv-vllm}
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 PY="$VENV/bin/python"
-STAMP="$VENV/.installed-$VLLM_VERSION"
+STAMP="$VENV/.installed-$VLLM_VERSION-accelerate"
 start=$(date +%s)
 
 if [ ! -f "$STAMP" ]; then
@@ -22,6 +22,8 @@ if [ ! -f "$STAMP" ]; then
     "$PY" -m pip uninstall --yes torchvision torchaudio torchcodec || true
     # Our package without its core pins (trl/transformers 5.20+ clash with vLLM's); generation needs none of them.
     "$PY" -m pip install --quiet --no-deps -e .
+    # accelerate (no deps: vLLM brings all of them) for the multi-process test.
+    "$PY" -m pip install --quiet --no-deps "accelerate==1.15.0"
     touch "$STAMP"
 fi
 echo "vllm env ready in $(( $(date +%s) - start ))s: $("$PY" -c 'import vllm, torch, transformers; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -121,3 +121,48 @@ def test_vllm_samples_order_and_seed(llama_path, monkeypatch):
         enforce_eager=True,
     )
     assert loaded.completions == greedy.completions
+
+
+def test_vllm_two_accelerate_processes_return_what_one_returns(llama_path, tmp_path):
+    """Under `accelerate launch` with 2 processes, vLLM runs data-parallel (external launcher, one engine per
+    process, prompts split between them) and every process gets all completions back, in prompt order, equal to a
+    1-process call: the per-prompt seeds make the samples independent of the split."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    script = repo / "tests" / "scripts" / "generation_multiprocess.py"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
+    cmd += [str(script), llama_path, str(tmp_path), "vllm"]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world"] == 2 and ranks[0] == ranks[1]
+
+    sys.path.insert(0, str(script.parent))
+    try:
+        from generation_multiprocess import PROMPTS, VLLM_KWARGS
+    finally:
+        sys.path.remove(str(script.parent))
+    single = generate_completions(
+        llama_path, PROMPTS, backend="vllm", num_samples=2, max_new_tokens=12, seed=3, **VLLM_KWARGS
+    )
+    assert ranks[0]["completions"] == single.completions
+    assert ranks[0]["num_tokens"] == single.num_tokens

