@@ -36,6 +36,10 @@ def main() -> None:
     )
     record = {"world": state.num_processes, "completions": out.completions, "num_tokens": out.num_tokens}
     (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(record))
+    # Tear the process group down before interpreter exit: left to exit, a gloo thread can abort the process
+    # ("terminate called without an active exception") after the work is done.
+    state.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
