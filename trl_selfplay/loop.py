@@ -227,26 +227,16 @@ def check_data(recipe: Recipe, load_remote: bool = True):
     return dataset
 
 
-def _prompt_text(value: Any) -> str:
-    """A prompt column holds a string, or a conversation whose first user turn is the prompt."""
+def _message_text(value: Any, role: str, column: str) -> str:
+    """A prompt / response column holds a string, or a conversation whose first `role` turn is the text."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         for message in value:
-            if isinstance(message, dict) and message.get("role") == "user":
+            if isinstance(message, dict) and message.get("role") == role:
                 return message["content"]
-    raise RecipeError(f"`data.prompt_column`: cannot read a prompt from {str(value)[:80]!r}.")
-
-
-def _response_text(value: Any) -> str:
-    """A response column holds a string, or a conversation whose first assistant turn is the response."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        for message in value:
-            if isinstance(message, dict) and message.get("role") == "assistant":
-                return message["content"]
-    raise RecipeError(f"`data.response_column`: cannot read an annotated response from {str(value)[:80]!r}.")
+    what = "a prompt" if role == "user" else "an annotated response"
+    raise RecipeError(f"`data.{column}`: cannot read {what} from {str(value)[:80]!r}.")
 
 
 def _examples(dataset, recipe: Recipe, limit: int | None) -> list[dict[str, str]]:
@@ -259,8 +249,10 @@ def _examples(dataset, recipe: Recipe, limit: int | None) -> list[dict[str, str]
     rows = dataset.select_columns(columns).to_list()
     out = []
     for row in rows:
-        response = _response_text(row[d.response_column]) if d.response_column in row else None
-        out.append({"prompt": _prompt_text(row[d.prompt_column]), "response": response})
+        response = (
+            _message_text(row[d.response_column], "assistant", "response_column") if d.response_column in row else None
+        )
+        out.append({"prompt": _message_text(row[d.prompt_column], "user", "prompt_column"), "response": response})
     return out
 
 
@@ -455,8 +447,9 @@ class SelfPlayLoop:
 
     def _check_backends(self) -> None:
         """What validation cannot know on another machine: mixed precision without GPU, a missing vLLM."""
-        import importlib.util
         import tempfile
+
+        from trl_selfplay.generation.vllm import is_vllm_available
 
         r = self.recipe
         for t in range(r.iterations.count):
@@ -465,7 +458,7 @@ class SelfPlayLoop:
             build_training_config(
                 it.method, training, tempfile.gettempdir(), defaults=loop_training_defaults(it.method)
             )
-            if it.method != "sft" and it.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            if it.method != "sft" and it.generation.backend == "vllm" and not is_vllm_available():
                 raise RecipeError(
                     f"{r.source}: `generation.backend` is 'vllm' (iteration {t}) but vLLM is not installed; install "
                     "the `vllm` extra or pass --generation.backend=transformers."

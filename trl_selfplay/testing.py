@@ -33,6 +33,13 @@ one two three four five six seven eight nine ten red green blue yellow cat dog b
 """
 
 
+def _corpus_lines(vocab_corpus: Iterable[str] | str | None) -> Iterable[str]:
+    """The builders' `vocab_corpus`: the built-in corpus by default, a string split into lines."""
+    if vocab_corpus is None:
+        vocab_corpus = DEFAULT_CORPUS
+    return vocab_corpus.splitlines() if isinstance(vocab_corpus, str) else vocab_corpus
+
+
 def _train_tokenizer(corpus: Iterable[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -96,11 +103,7 @@ def make_tiny_causal_lm(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if vocab_corpus is None:
-        vocab_corpus = DEFAULT_CORPUS
-    if isinstance(vocab_corpus, str):
-        vocab_corpus = vocab_corpus.splitlines()
-    tokenizer = _train_tokenizer(vocab_corpus, vocab_size)
+    tokenizer = _train_tokenizer(_corpus_lines(vocab_corpus), vocab_size)
 
     if architecture not in ("qwen2", "llama"):
         raise ValueError(f"`architecture` must be 'qwen2' or 'llama', got {architecture!r}.")
@@ -171,11 +174,7 @@ def make_tiny_pairrm(
         raise ValueError(f"`weights_format` must be one of {PAIRRM_WEIGHT_FORMATS}, got {weights_format!r}.")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if vocab_corpus is None:
-        vocab_corpus = DEFAULT_CORPUS
-    if isinstance(vocab_corpus, str):
-        vocab_corpus = vocab_corpus.splitlines()
-    lines = [line for line in vocab_corpus if line.strip()]
+    lines = [line for line in _corpus_lines(vocab_corpus) if line.strip()]
 
     # A sentencepiece model with DeBERTa-v3's special tokens ([PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3), converted by
     # transformers like microsoft/deberta-v3-large's spm.model, then PairRM's four added tokens.

