@@ -46,25 +46,33 @@ def test_repo_id_per_iteration():
 
 def test_model_card_names_method_iteration_start_model_data_hyperparameters_metrics():
     recipe = load_recipe(ROOT / "recipes/spin/zephyr-7b-sft-full.yaml").for_iteration(3)
-    metrics = {"train": {"rewards/margins": 1.25, "loss": 0.31}, "eval": {"accuracy": 0.625}}
+    metrics = {
+        "train": {"rewards/margins": 1.25, "loss": 0.31},
+        "eval": {"accuracy": 0.625},
+        "num_pairs": 100000,
+        "num_current_pairs": 50000,
+    }
     card = model_card(recipe, 3, "runs/spin-zephyr-7b-sft-full/iter_2/model", metrics)
     assert card.startswith("---\n") and "base_model: alignment-handbook/zephyr-7b-sft-full" in card
-    assert "- spin" in card and "- HuggingFaceH4/ultrachat_200k" in card
+    assert "- spin" in card and "- UCLA-AGI/SPIN_iter0" in card
     assert "# SPIN iteration 3" in card and "arXiv:2401.01335" in card
     assert "**Iteration:** 3 of 4" in card
     assert "`runs/spin-zephyr-7b-sft-full/iter_2/model`" in card  # start model π_3
-    assert "50000 prompts" in card and "split `train_sft`" in card
+    assert "split `train`" in card and "revision `ac6e600eefcce74f5e8bae1035d4f66019e93190`" in card
+    # The real number of training rows: iteration 3 trains on its own pairs plus iteration 2's (issue 12.11).
+    assert "**Training rows:** 100000 (50000 from this iteration's samples, 50000 from earlier iterations)" in card
+    assert "**Training format:** the tokenizer's chat template with system message ''" in card
     assert "| `beta` | 5 |" in card and "| `learning_rate` | 1e-07 |" in card  # iteration 3's resolved values
     assert "| global batch size | 64 |" in card
     assert "### Instruction: {prompt}" in card  # the prompt format is visible
     assert "| `rewards/margins` | 1.25 |" in card and "| `accuracy` | 0.625 |" in card
 
 
-def test_model_card_rspo_names_judge_and_fold():
+def test_model_card_rspo_names_judge_and_dataset():
     recipe = load_recipe(ROOT / "recipes/rspo/mistral-7b-instruct-v0.2.yaml").for_iteration(1)
     card = model_card(recipe, 1, "runs/rspo-mistral-7b/iter_0/model", {})
-    assert "# RSPO iteration 1" in card and "fold 1 of 3" in card
-    assert "**Judge:** pairrm `llm-blender/PairRM`" in card
+    assert "# RSPO iteration 1" in card and "`UCLA-AGI/data-mistral-7b-instruct-sppo-iter2`" in card
+    assert "**Judge:** pairrm `llm-blender/PairRM`, preferences `aggregate`, prompt as `chat_template`" in card
     assert '| `regularizers` | {"reverse_kl": 0.5, "forward_kl_is": 0.1} |' in card
 
 
@@ -87,7 +95,8 @@ def test_push_iteration_makes_the_right_calls(tmp_path):
 
 def test_loop_push_stage_pushes_once(tmp_path):
     """The loop's push stage: iteration t goes to `<model_id>-iter<t>`, recorded in push.json, never pushed twice."""
-    from trl_selfplay.loop import SelfPlayLoop
+    from trl_selfplay.runner import stages
+    from trl_selfplay.runner.context import Iteration, RunContext
 
     recipe = load_recipe(
         ROOT / "recipes/tiny/spin.yaml",
@@ -97,9 +106,9 @@ def test_loop_push_stage_pushes_once(tmp_path):
     (out / "model").mkdir(parents=True)
     (out / "model" / "config.json").write_text("{}")
     api = RecordingApi()
-    loop = SelfPlayLoop(recipe, hub_api=api)
-    loop._push(recipe.for_iteration(1), 1, out)
-    loop._push(recipe.for_iteration(1), 1, out)  # a resumed run: already pushed
+    iteration = Iteration(RunContext(recipe, hub_api=api), 1)
+    stages.push(iteration)
+    stages.push(iteration)  # a resumed run: already pushed
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
     assert api.calls[1][1]["repo_id"] == "org/tiny-spin-iter1"
     assert json.loads((out / "push.json").read_text())["repo_id"] == "org/tiny-spin-iter1"
@@ -118,9 +127,9 @@ def test_push_without_client_uses_huggingface_hub(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", ["spin", "iris", "rspo", "sft"])
 def test_model_card_for_every_method(method):
-    from trl_selfplay.hub import METHOD_PAPERS
+    from trl_selfplay.methods import get_method
 
     recipe = load_recipe(ROOT / f"recipes/tiny/{method}.yaml").for_iteration(0)
     card = model_card(recipe, 0, "runs/tiny-model", {"train": {"loss": 0.5}})
-    assert f"# {METHOD_PAPERS[method][0]} iteration 0" in card and "| `loss` | 0.5 |" in card
+    assert f"# {get_method(method).paper} iteration 0" in card and "| `loss` | 0.5 |" in card
     assert ("**Generation:**" in card) == (method != "sft")

@@ -218,7 +218,7 @@ def test_spin_two_iterations(runs, tiny_model_path):
 @pytest.mark.slow
 def test_finished_run_is_not_rewritten(runs, tiny_model_path):
     out, _ = runs("spin")
-    files = [p for p in out.rglob("*") if p.is_file()]
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != ".lock"]  # each launch writes its pid there
     before = {p: _fingerprint(p) for p in files}
     launch("recipes/tiny/spin.yaml", out, runs.overrides("spin"))
     assert {p: _fingerprint(p) for p in files} == before
@@ -237,8 +237,11 @@ def test_iris_two_iterations_adaptive_alpha(runs):
         per_token_real = [lp / n for lp, n in zip(ref["ref_chosen_logps"], ref["chosen_lengths"])]
         assert ref["gap"] == pytest.approx(sum(per_token) / len(per_token) - sum(per_token_real) / len(per_token_real))
     assert refs[1]["initial_gap"] == pytest.approx(refs[0]["gap"])
-    # A random model's D̂_0 is ~0 with either sign: alpha_start when positive, alpha_end (no gap to close) otherwise.
-    assert refs[0]["alpha"] == (2.0 if refs[0]["gap"] > 0 else 0.5)
+    # The magnitude rule: α_0 = alpha_start whatever the sign of D̂_0 (a random model's is ~0 with either sign).
+    assert refs[0]["alpha"] == 2.0
+    assert all(
+        ref["current_rows"] == [0, 8] and ref["method_metrics"] == ["alpha", "gap", "initial_gap"] for ref in refs
+    )
     expected = iris_alpha(
         "adaptive", 1, 2, alpha_start=2.0, alpha_end=0.5, gap=refs[1]["gap"], initial_gap=refs[0]["gap"]
     )
@@ -368,7 +371,7 @@ def test_resume_after_kills_equals_uninterrupted_run(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_from_trainer_checkpoint(runs, tmp_path):
+def test_killed_training_resumes_from_trainer_checkpoint(runs, tmp_path, monkeypatch, capsys):
     """With checkpoints saved during training, a kill mid-iteration resumes from the last one (not from π_t) and
     still ends with the uninterrupted run's weights."""
     import torch
@@ -380,6 +383,20 @@ def test_killed_training_resumes_from_trainer_checkpoint(runs, tmp_path):
     trainer_dir = out / "iter_1" / "trainer"
     assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "iter_1" / "model").exists()
+    # Checkpoints are resumed only with the recipe they were made with: a changed β stops the run at once.
+    from trl_selfplay.cli import main
+
+    monkeypatch.chdir(ROOT)
+    changed = [
+        "recipes/tiny/spin.yaml",
+        f"--output_dir={out}",
+        *overrides,
+        "--iterations.overrides.1.training.beta=0.7",
+    ]
+    assert main(changed) == 2
+    error = capsys.readouterr().err
+    assert "checkpoints of the interrupted stage `train` of iteration 1 made with another recipe" in error
+    assert "`training.beta` of iteration 1 was 0.5 and is now 0.7" in error and "--restart-from=train@1" in error
     launch("recipes/tiny/spin.yaml", out, overrides)
     history = json.loads((out / "iter_1" / "train_metrics.json").read_text())["log_history"]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]  # steps 1-2 restored from the checkpoint

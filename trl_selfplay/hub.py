@@ -11,24 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-METHOD_PAPERS = {
-    "spin": (
-        "SPIN",
-        "Chen et al., ICML 2024, *Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models* "
-        "([arXiv:2401.01335](https://arxiv.org/abs/2401.01335))",
-    ),
-    "iris": (
-        "IRIS",
-        "Liao et al., 2026, *Interpolative Rényi Iterative Self-play* (arXiv:2604.20933); the loss is this "
-        "package's reconstruction from the variational Rényi divergence",
-    ),
-    "rspo": (
-        "RSPO",
-        "Tang et al., *Regularized Self-Play Alignment of Large Language Models* "
-        "([arXiv:2503.00030](https://arxiv.org/abs/2503.00030)), built on SPPO (Wu et al., 2024)",
-    ),
-    "sft": ("continued SFT", "the supervised fine-tuning baseline the SPIN and IRIS papers compare against"),
-}
+from trl_selfplay.methods import get_method
 
 
 def repo_id_for(model_id: str, iteration: int) -> str:
@@ -51,7 +34,8 @@ def _fmt(value: Any) -> str:
 def model_card(recipe, iteration: int, start_model: str, metrics: dict[str, Any] | None = None) -> str:
     """Markdown model card of iteration `iteration`'s checkpoint: method, iteration, start model, data,
     hyperparameters and metrics."""
-    name, paper = METHOD_PAPERS[recipe.method]
+    spec = get_method(recipe.method)
+    name, paper = spec.paper, spec.citation
     data = recipe.data
     dataset = data.dataset_name or data.dataset_fn
     front = ["---", "library_name: transformers", "tags:", "- trl", "- trl-selfplay", f"- {recipe.method}"]
@@ -80,22 +64,41 @@ def model_card(recipe, iteration: int, start_model: str, metrics: dict[str, Any]
         + (f", {data.num_prompts} prompts (seed {data.seed})" if data.num_prompts else f" (seed {data.seed})")
         + (f", fold {iteration % data.num_folds} of {data.num_folds}" if data.num_folds > 1 else ""),
     ]
-    if recipe.method != "sft":
+    if spec.generates:
         g = recipe.generation
         template = "the tokenizer's chat template" if g.prompt_template is None else f"`{g.prompt_template!r}`"
         lines.append(
             f"- **Generation:** {g.num_samples} sample(s) per prompt, temperature {g.temperature}, top-p {g.top_p}, "
-            f"max {g.max_new_tokens} new tokens, prompt format {template} (the same at training)"
+            f"max {g.max_new_tokens} new tokens, prompt format {template}"
         )
-    if recipe.method == "rspo" and recipe.judge is not None:
+        if recipe.data.train_prompt_format == "chat_template":
+            system = recipe.data.system_message
+            lines.append(
+                "- **Training format:** the tokenizer's chat template"
+                + ("" if system is None else f" with system message {system!r}")
+            )
+        else:
+            lines.append("- **Training format:** the prompt as generation formatted it")
+    if spec.needs_judge and recipe.judge is not None:
         judge = recipe.judge.model_name_or_path if recipe.judge.type == "pairrm" else recipe.judge.function
-        lines.append(f"- **Judge:** {recipe.judge.type} `{judge}`")
+        lines.append(
+            f"- **Judge:** {recipe.judge.type} `{judge}`, preferences `{recipe.judge.mode}`, prompt as "
+            f"`{recipe.judge.prompt_format}`"
+        )
     lines += ["", "## Hyperparameters", "", "| field | value |", "|---|---|"]
     for key, value in sorted(recipe.training.items()):
         lines.append(f"| `{key}` | {_fmt(value)} |")
     if recipe.global_batch_size:
         lines.append(f"| global batch size | {recipe.global_batch_size} |")
     metrics = metrics or {}
+    if "num_pairs" in metrics:
+        current = metrics.get("num_current_pairs", metrics["num_pairs"])
+        earlier = metrics["num_pairs"] - current
+        lines.insert(
+            lines.index("## Hyperparameters") - 1,
+            f"- **Training rows:** {metrics['num_pairs']}"
+            + (f" ({current} from this iteration's samples, {earlier} from earlier iterations)" if earlier else ""),
+        )
     for section in ("train", "eval"):
         values = {k: v for k, v in (metrics.get(section) or {}).items() if isinstance(v, int | float)}
         if values:
