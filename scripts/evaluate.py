@@ -1,4 +1,4 @@
-"""Evaluate checkpoints standalone, with the same hook the loop runs after every iteration.
+"""Evaluate checkpoints standalone, with the same hook the runner calls after every iteration.
 
     python scripts/evaluate.py runs/demo/spin/iter_0/model runs/demo/spin/iter_1/model \
         --task arithmetic --task-kwargs '{"num_digits": 3}' --prompt-template '{prompt}'
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate_iteration(
             checkpoint,
             previous_model_name_or_path=previous,
-            iteration=t - 1,  # the first checkpoint is the start model, as in the loop's metrics.jsonl
+            iteration=t - 1,  # the first checkpoint is the start model, as in a run's metrics.jsonl
             prompt_template=args.prompt_template,
             generation={"temperature": args.temperature},
             seed=args.seed,

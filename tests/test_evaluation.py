@@ -1,15 +1,19 @@
-"""Evaluation: BLEU / self-BLEU against hand-worked values, win rate under a hand-made judge, the loop's hook."""
+"""Evaluation: BLEU / self-BLEU against hand-worked values, win rate under a hand-made judge, the runner's hook and
+its cache of greedy answers, report tables."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from trl_selfplay.evaluation import (
     BENCHMARKS,
+    CompletionCache,
     bleu,
     evaluate_iteration,
+    flatten_metrics,
     format_summary_table,
     lm_eval_arguments,
     run_lm_eval,
@@ -128,6 +132,16 @@ def test_summary_table_lists_iterations_and_present_columns():
     assert rows[3].split() == ["spin", "0", "0.500", "0.750", "4.000", "1.500"]
 
 
+def test_flatten_metrics_namespaces_train_keys():
+    line = {
+        "iteration": 2,
+        "train": {"loss": 0.7, "rewards/margins": 1.5, "iris/alpha": 2.0},
+        "eval": {"iteration": 2, "accuracy": 0.5},
+    }
+    assert flatten_metrics(line) == {"train/loss": 0.7, "rewards/margins": 1.5, "iris/alpha": 2.0, "accuracy": 0.5}
+    assert flatten_metrics({"iteration": -1}) == {}
+
+
 @pytest.fixture(scope="module")
 def addition_model(tmp_path_factory):
     from trl_selfplay.tasks.arithmetic import make_arithmetic_model
@@ -160,6 +174,41 @@ def test_evaluate_iteration_on_a_model(addition_model, tmp_path):
     assert again["accuracy"] == start["accuracy"]
 
 
+def test_previous_answers_come_from_the_cache_until_the_checkpoint_changes(addition_model, tmp_path):
+    import os
+    import shutil
+
+    from trl_selfplay.tasks import get_task
+
+    task_kwargs = {"num_digits": 2, "num_train": 10, "num_eval": 12}
+    task = get_task("arithmetic", **task_kwargs)
+    previous = str(shutil.copytree(addition_model, tmp_path / "previous"))
+    cache = CompletionCache()
+    common = dict(task="arithmetic", task_kwargs=task_kwargs, prompt_template="{prompt}", diversity_prompts=0)
+    settings = dict(prompt_template="{prompt}", max_new_tokens=task.max_new_tokens)
+
+    first = evaluate_iteration(addition_model, cache=cache, output_dir=tmp_path / "a", **common)
+    answers = [json.loads(line)["completion"] for line in open(tmp_path / "a" / "eval_completions.jsonl")]
+    assert cache.get(cache.key(addition_model, task.eval_prompts(), **settings)) == answers
+    assert len(cache) == 1
+
+    # Store the correct sums as the previous checkpoint's answers: the win rate must be judged against them (the
+    # previous model itself, a copy of this one, would tie everywhere).
+    key = cache.key(previous, task.eval_prompts(), **settings)
+    cache.put(key, [example["answer"] for example in task.eval_examples()])
+    cached = evaluate_iteration(addition_model, previous_model_name_or_path=previous, cache=cache, **common)
+    assert first["accuracy"] < 1.0
+    assert cached["win_rate"] == pytest.approx(first["accuracy"] / 2)  # ties where right, losses where wrong
+
+    # A checkpoint saved again at the same path is another model: its answers are generated, not reused.
+    weights = next(p for p in (Path(previous) / n for n in ("model.safetensors", "pytorch_model.bin")) if p.exists())
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cache.key(previous, task.eval_prompts(), **settings) != key
+    fresh = evaluate_iteration(addition_model, previous_model_name_or_path=previous, cache=cache, **common)
+    assert fresh["win_rate"] == 0.5 and fresh["tie_rate"] == 1.0
+
+
 def test_evaluate_iteration_needs_prompts_or_task(addition_model):
     with pytest.raises(ValueError, match="`task`"):
         evaluate_iteration(addition_model)
@@ -167,7 +216,6 @@ def test_evaluate_iteration_needs_prompts_or_task(addition_model):
 
 def test_evaluate_script_compares_consecutive_checkpoints(addition_model, tmp_path):
     import importlib.util
-    from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "evaluate.py"
     spec = importlib.util.spec_from_file_location("evaluate_script", script)

@@ -1,5 +1,7 @@
-"""Generation: transformers backend (K samples, order, seeds, two processes), prompt formatting, argument errors."""
+"""Generation: transformers backend (K samples, order, seeds, greedy, special tokens, two processes), prompt
+formatting, the judge's source text, argument errors, and an import graph without circles."""
 
+import ast
 import json
 import os
 import socket
@@ -10,9 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_selfplay.generation import encode_prompt, format_prompt, generate_completions
-from trl_selfplay.generation.hf import SeededSampler
-from trl_selfplay.generation.vllm import is_vllm_available
+from trl_selfplay.generation import (
+    encode_prompt,
+    format_prompt,
+    generate_completions,
+    is_vllm_available,
+    judge_source_text,
+)
+from trl_selfplay.generation.seeding import SeededSampler
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -86,6 +93,15 @@ def test_model_sampling_defaults_do_not_leak_in(tiny_model_path, tokenizer):
     for temperature in (0.0, 1.0):
         first = generate_completions(sampling_model, PROMPTS[:2], temperature=temperature, **kwargs)
         assert generate_completions(sampling_model, PROMPTS[:2], temperature=temperature, **kwargs) == first
+    # temperature 0 is greedy decoding even though the model's own generation config samples: the argmax path.
+    greedy = generate_completions(sampling_model, PROMPTS[:2], temperature=0.0, **kwargs)
+    for prompt, row in zip(PROMPTS[:2], greedy.completions):
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+        with torch.no_grad():
+            ref = sampling_model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6, top_k=None
+            )
+        assert row == [tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)] * 2
 
 
 def test_token_counts_include_eos(model, tokenizer):
@@ -138,6 +154,108 @@ def test_seeded_sampler_samples_softmax_and_respects_top_p():
     assert torch.equal(SeededSampler([0], 5, 0.0, 1.0)(input_ids, logits.clone()), logits)
 
 
+def _bos_tokenizer(path):
+    """The tiny tokenizer with a BOS token that `tokenizer(text)` prepends, like Llama's / Mistral's `<s>`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, bos_token="<|endoftext|>", add_bos_token=True)
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id != tok("hi", add_special_tokens=False)["input_ids"][0]
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tiny_model_path):
+    return _bos_tokenizer(tiny_model_path)
+
+
+def _prompt_ids_seen_by_the_model(model, tokenizer, prompt, **kwargs) -> list[int]:
+    """Generate greedily for one prompt and return the input ids of the model's first forward pass (the prompt)."""
+    seen = []
+
+    def record(module, args, kwargs_):
+        seen.append(kwargs_["input_ids"][0].tolist())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        generate_completions(model, [prompt], tokenizer=tokenizer, temperature=0.0, max_new_tokens=2, **kwargs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_add_special_tokens_decides_the_bos_the_model_sees(model, bos_tokenizer):
+    bos = bos_tokenizer.bos_token_id
+    prompt = "What is the capital of France?"
+    text = format_prompt(bos_tokenizer, prompt, SPIN_TEMPLATE)
+    plain_ids = bos_tokenizer(text, add_special_tokens=False)["input_ids"]
+    # uclaml/SPIN's spin/generate.py: the fixed template tokenised with add_special_tokens=False, no BOS.
+    seen = _prompt_ids_seen_by_the_model(
+        model, bos_tokenizer, prompt, prompt_template=SPIN_TEMPLATE, add_special_tokens=False
+    )
+    assert seen == plain_ids and bos not in seen
+    # Default rule: a fixed template is plain text, tokenised as TRL tokenises it, so the BOS is added.
+    assert _prompt_ids_seen_by_the_model(model, bos_tokenizer, prompt, prompt_template=SPIN_TEMPLATE) == [
+        bos,
+        *plain_ids,
+    ]
+    # Default rule for a chat-templated prompt: no special tokens added; forcing True adds the BOS.
+    chat_ids = bos_tokenizer(format_prompt(bos_tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    assert _prompt_ids_seen_by_the_model(model, bos_tokenizer, prompt) == chat_ids
+    assert _prompt_ids_seen_by_the_model(model, bos_tokenizer, prompt, add_special_tokens=True) == [bos, *chat_ids]
+    assert encode_prompt(bos_tokenizer, prompt, SPIN_TEMPLATE, add_special_tokens=False) == plain_ids
+
+
+def _sppo_apply_template(text, tokenizer):
+    """Oracle: `apply_template` of uclaml/SPPO `scripts/rank.py`, the source text it gives PairRM (its misspelt
+    `add_generate_prompt` keyword included: the template never reads it)."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}, {"role": "assistant", "content": "None"}],
+        tokenize=False,
+        add_generate_prompt=True,
+    ).split("None")[0]
+
+
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_judge_source_text_is_sppo_apply_template(tokenizer, tiny_model_path):
+    mistral = _bos_tokenizer(tiny_model_path)
+    mistral.chat_template = MISTRAL_TEMPLATE
+    prompts = ["Name a colour.", "Explain {braces} and\nnew lines.", "Is None a value?"]
+    for tok in (tokenizer, mistral):
+        for prompt in prompts:
+            assert judge_source_text(tok, prompt, cut_at_first_none=True) == _sppo_apply_template(prompt, tok)
+            if "None" not in prompt:
+                assert judge_source_text(tok, prompt) == _sppo_apply_template(prompt, tok)
+    # Worked by hand: the user turn with the assistant header, cut before the assistant content.
+    assert judge_source_text(tokenizer, "Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert judge_source_text(mistral, "Hi") == "<|endoftext|>[INST] Hi [/INST]"
+    # The original also cuts a prompt at its own "None"; the default cuts only before the assistant content.
+    assert judge_source_text(mistral, "Is None a value?", cut_at_first_none=True) == "<|endoftext|>[INST] Is "
+    assert judge_source_text(mistral, "Is None a value?") == "<|endoftext|>[INST] Is None a value? [/INST]"
+    # A conversation gets the assistant turn after its last message; a fixed template is just filled in.
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    expected = "<|endoftext|>[INST] Hi [/INST]Hello<|im_end|>[INST] Bye [/INST]"
+    assert judge_source_text(mistral, conversation) == expected
+    assert judge_source_text(tokenizer, "Hi", SPIN_TEMPLATE) == format_prompt(tokenizer, "Hi", SPIN_TEMPLATE)
+    with pytest.raises(ValueError, match="prompt_template"):
+        judge_source_text(tokenizer, "Hi", "no placeholder")
+    user_only = _bos_tokenizer(tiny_model_path)
+    user_only.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="assistant turn"):
+        judge_source_text(user_only, "Hi")
+
+
 def test_prompt_formatting(tokenizer):
     chat = format_prompt(tokenizer, "Hi there", None)
     assert chat == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
@@ -169,6 +287,7 @@ def test_prompt_formatting_without_chat_template(tiny_model_path):
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"batch_size": 0}, "batch_size"),
         ({"prompt_template": "missing placeholder"}, "prompt_template"),
+        ({"add_special_tokens": "no"}, "add_special_tokens"),
     ],
 )
 def test_bad_arguments_fail_before_loading(kwargs, match):
@@ -214,3 +333,63 @@ def test_two_processes_return_what_one_returns(tiny_model_path, tmp_path):
     single = generate_completions(tiny_model_path, SCRIPT_PROMPTS, num_samples=2, max_new_tokens=12, seed=3)
     assert ranks[0]["completions"] == single.completions
     assert ranks[0]["num_tokens"] == single.num_tokens
+
+
+GENERATION_DIR = REPO / "trl_selfplay" / "generation"
+LOADER = "trl_selfplay.models"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package_imports(path: Path, known: set[str]) -> set[str]:
+    """Modules of the package `path` imports anywhere in it (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from pkg import mod` imports the submodule `pkg.mod` (and runs `pkg/__init__.py`).
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            names = []
+        found.update(n for n in names if n.startswith("trl_selfplay") and n in known | {"trl_selfplay"})
+    return found
+
+
+def test_generation_imports_form_no_circle():
+    paths = {_module_name(p): p for p in sorted(GENERATION_DIR.glob("*.py"))}
+    paths[LOADER] = REPO / "trl_selfplay" / "models.py"
+    graph = {name: _package_imports(path, set(paths)) for name, path in paths.items()}
+    # Shared pieces import nothing else of the package; backends and the dispatcher import only generation + loader.
+    for leaf in ("trl_selfplay.generation.prompts", "trl_selfplay.generation.seeding", LOADER):
+        assert graph[leaf] == set(), (leaf, graph[leaf])
+    assert graph["trl_selfplay.generation.base"] == {"trl_selfplay.generation.prompts"}
+    assert all(target in paths for targets in graph.values() for target in targets), graph
+    # Depth-first search for a back edge.
+    state: dict[str, str] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            assert state.get(target) != "open", f"import circle: {' -> '.join([*stack, node, target])}"
+            if target not in state:
+                visit(target, [*stack, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+    # And each module imports on its own, with no trl_selfplay module loaded before it.
+    code = (
+        "import importlib, sys\n"
+        f"for name in {sorted(paths)!r}:\n"
+        "    for loaded in [m for m in sys.modules if m.startswith('trl_selfplay')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trl_selfplay.evaluation import _flatten, read_metrics
+from trl_selfplay.evaluation.report import flatten_metrics, read_metrics
 
 # Panels in display order: (metric key, title). Keys absent from every run are skipped.
 PANELS: tuple[tuple[str, str], ...] = (
@@ -34,7 +34,7 @@ PANELS: tuple[tuple[str, str], ...] = (
 def _series(lines: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for line in lines:
-        value = _flatten(line).get(key)
+        value = flatten_metrics(line).get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             xs.append(int(line.get("iteration", -1)))
             ys.append(float(value))

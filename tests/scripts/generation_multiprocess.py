@@ -12,7 +12,7 @@ import torch
 from accelerate import PartialState
 
 from trl_selfplay.generation import generate_completions
-from trl_selfplay.loop import shutdown_distributed
+from trl_selfplay.runner import shutdown_distributed
 
 PROMPTS = [
     "What is the capital of France?",

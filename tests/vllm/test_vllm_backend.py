@@ -94,6 +94,9 @@ def test_vllm_samples_order_and_seed(llama_path, monkeypatch):
     reversed_greedy = _generate(llama_path, PROMPTS[::-1], temperature=0.0, num_samples=1)
     assert reversed_greedy.completions[::-1] == greedy.completions
     assert len({row[0] for row in greedy.completions}) > 1
+    # Greedy with K > 1 (vLLM refuses n > 1 at temperature 0): K copies of the greedy completion, as transformers.
+    greedy_k = _generate(llama_path, PROMPTS, temperature=0.0, num_samples=2)
+    assert greedy_k.completions == [[row[0]] * 2 for row in greedy.completions]
 
     # A loaded model (saved to a temporary directory for vLLM) gives what its path gives.
     from transformers import AutoModelForCausalLM, AutoTokenizer

