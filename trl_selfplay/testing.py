@@ -272,6 +272,6 @@ def make_tiny_pairrm(
             cand2_prefix_id=token_ids["<|candidate2|>"],
             cand_prefix_id=token_ids["<|candidate|>"],
         )
-        config.pop("sep_token_id", None)  # the -hf config has none (DESIGN.md §3.4)
+        config.pop("sep_token_id", None)  # llm-blender/PairRM-hf ships a config without it
         (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
