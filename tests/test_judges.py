@@ -240,3 +240,49 @@ def test_reward_function_judge_errors():
         RewardFunctionJudge(len, kind="pairwise", temperature=2.0)
     with pytest.raises(ValueError, match="probability"):
         RewardFunctionJudge(lambda p, a, b: 2.0, kind="pairwise").preference_matrix(["p"], [["a", "b"]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `preferences`: the uniform per-prompt records the runner stores
+def test_pairrm_preference_records_in_both_modes(checkpoints, judge):
+    logits = judge.pair_logits(PROMPTS, COMPLETIONS)
+    scores = (logits - logits.transpose(1, 2)).mean(-1)
+    pairwise = judge.preferences(PROMPTS, COMPLETIONS)
+    matrices = judge.preference_matrix(PROMPTS, COMPLETIONS)
+    for record, matrix, row in zip(pairwise, matrices, scores):
+        assert set(record) == {"preferences", "win_probs", "chosen_index", "rejected_index", "scores"}
+        assert torch.allclose(torch.tensor(record["preferences"], dtype=torch.float64), matrix.double(), atol=1e-6)
+        wins = matrix.double().mean(-1)
+        assert torch.allclose(torch.tensor(record["win_probs"], dtype=torch.float64), wins, atol=1e-6)
+        own = record["win_probs"]
+        assert (record["chosen_index"], record["rejected_index"]) == (own.index(max(own)), own.index(min(own)))
+        assert torch.allclose(torch.tensor(record["scores"], dtype=torch.float64), row.double(), atol=1e-6)
+
+    aggregate = PairRMJudge(checkpoints[("original", "safetensors")], mode="aggregate").preferences(
+        PROMPTS, COMPLETIONS
+    )
+    for record, row in zip(aggregate, scores):
+        expected = torch.sigmoid(row[:, None] - row[None, :]).double()
+        assert torch.allclose(torch.tensor(record["preferences"], dtype=torch.float64), expected, atol=1e-6)
+        # The pair is read off the record's own scores ("Paris." appears twice: a near-tie that batch padding noise
+        # may break either way between two judges).
+        own = record["scores"]
+        assert (record["chosen_index"], record["rejected_index"]) == (own.index(max(own)), own.index(min(own)))
+
+
+def test_reward_judge_modes_and_scores():
+    rewards = {"4": 2.0, "5": 0.5, "9": -1.0}
+    judge = RewardFunctionJudge(lambda prompt, c: rewards[c], temperature=2.0, mode="aggregate")
+    assert judge.scores(["2+2="], [["4", "5", "9"]]).tolist() == [[1.0, 0.25, -0.5]]
+    (record,) = judge.preferences(["2+2="], [["4", "5", "9"]])
+    assert record["scores"] == [1.0, 0.25, -0.5]
+    assert record["preferences"][0][1] == pytest.approx(torch.sigmoid(torch.tensor(0.75)).item())
+    assert (record["chosen_index"], record["rejected_index"]) == (0, 2)
+
+    pairwise = RewardFunctionJudge(lambda prompt, a, b: float(a < b), kind="pairwise")
+    (record,) = pairwise.preferences(["p"], [["b", "a", "c"]])
+    assert record["scores"] is None and (record["chosen_index"], record["rejected_index"]) == (1, 2)
+    with pytest.raises(ValueError, match="only `kind='reward'` has"):
+        RewardFunctionJudge(lambda prompt, a, b: 0.5, kind="pairwise", mode="aggregate")
+    with pytest.raises(ValueError, match="mode"):
+        RewardFunctionJudge(lambda prompt, c: 0.0, mode="bubble")

@@ -1,5 +1,5 @@
 """The losses of `trl_selfplay.losses` against independent numpy computations, hand-worked numbers and the
-properties DESIGN.md §3 requires."""
+properties `docs/methods.md` states."""
 
 import math
 
@@ -9,6 +9,7 @@ import torch
 
 from trl_selfplay.losses import (
     distribution_gap,
+    forward_kl_regularizer,
     iris_alpha,
     iris_loss,
     rspo_regularizer,
@@ -129,7 +130,7 @@ def test_iris_loss_matches_numpy(alpha):
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
 def test_iris_gradient_is_weighted_log_ratio_gradient(alpha):
-    """dL/dh_r = -beta w, dL/dh_g = +beta v (DESIGN §3.2), and gradcheck in float64."""
+    """dL/dh_r = -beta w, dL/dh_g = +beta v (docs/methods.md, "The Rényi objective"), and gradcheck in float64."""
     pr, pg, rr, rg = (t.clone().requires_grad_(True) for t in _logps(3, n=5, scale=1.0))
     loss, w, v = iris_loss(pr, pg, rr, rg, beta=0.5, alpha=alpha)
     loss.backward()
@@ -405,11 +406,50 @@ def test_iris_alpha_schedules():
     assert [iris_alpha("linear", t, 5) for t in range(5)] == pytest.approx([2.0, 1.625, 1.25, 0.875, 0.5])
     assert iris_alpha("adaptive", 0, 5, gap=0.8, initial_gap=0.8) == 2.0
     assert iris_alpha("adaptive", 2, 5, gap=0.4, initial_gap=0.8) == pytest.approx(1.25)
-    assert iris_alpha("adaptive", 3, 5, gap=-0.1, initial_gap=0.8) == 0.5  # clipped at 0
-    assert iris_alpha("adaptive", 3, 5, gap=1.6, initial_gap=0.8) == 2.0  # clipped at 1
+    # Magnitudes: a gap that overshot past 0 counts by its size; one beyond |D_0| is clipped at 1.
+    assert iris_alpha("adaptive", 3, 5, gap=-0.1, initial_gap=0.8) == pytest.approx(0.5 + 1.5 * 0.125)
+    assert iris_alpha("adaptive", 3, 5, gap=1.6, initial_gap=0.8) == 2.0
+    assert iris_alpha("adaptive", 3, 5, gap=0.0, initial_gap=0.8) == 0.5
+    assert iris_alpha("adaptive", 2, 5, gap=-0.2, initial_gap=-0.8) == pytest.approx(0.875)  # negative D_0 moves α
+    # D_0 = 0: no scale to measure progress against; α stays at alpha_start.
+    assert iris_alpha("adaptive", 0, 5, gap=0.0, initial_gap=0.0) == 2.0
+    assert iris_alpha("adaptive", 2, 5, gap=-0.3, initial_gap=0.0) == 2.0
+    with pytest.raises(ValueError, match="finite"):
+        iris_alpha("adaptive", 1, 5, gap=float("nan"), initial_gap=0.8)
     with pytest.raises(ValueError, match="gap"):
         iris_alpha("adaptive", 1, 5)
     with pytest.raises(ValueError, match="alpha_schedule"):
         iris_alpha("cosine", 1, 5)
     with pytest.raises(ValueError, match="alpha"):
         iris_alpha("constant", 0, 1, alpha=0.0)
+
+
+def test_distribution_gap_current_rows_and_errors():
+    args = (torch.tensor([-20.0, -8.0]), torch.tensor([-5.0, -1.0]), torch.tensor([10, 4]), torch.tensor([5, 1]))
+    # row 0: generated -1, annotated -2 -> 1.0; row 1: generated -1, annotated -2 -> 1.0; mean over both = 1.0
+    assert distribution_gap(*args) == pytest.approx(1.0)
+    assert distribution_gap(*args, current=torch.tensor([False, True])) == pytest.approx(1.0)
+    skewed = (torch.tensor([-20.0, -4.0]), *args[1:])  # row 1 annotated -1/token: gap 0.0 there
+    assert distribution_gap(*skewed, current=torch.tensor([True, False])) == pytest.approx(1.0)
+    assert distribution_gap(*skewed, current=torch.tensor([1])) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="selects none"):
+        distribution_gap(*args, current=torch.tensor([False, False]))
+    with pytest.raises(ValueError, match="one entry per row"):
+        distribution_gap(*args, current=torch.tensor([True]))
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        distribution_gap(args[0], args[1], torch.tensor([10, 0]), args[3])
+
+
+def test_forward_kl_regularizer_hand_worked():
+    policy = torch.tensor([-12.0, -3.0, -6.0])
+    anchor = torch.tensor([-10.0, -4.0, -5.0])
+    lengths = torch.tensor([6, 2, 4])
+    # d = anchor - policy = [2, -1, 1]; sum: mean = 2/3; padded token mean: (2 - 1 + 1) / (3 * 6) = 1/9
+    assert forward_kl_regularizer(policy, anchor, lengths).item() == pytest.approx(2 / 3)
+    assert forward_kl_regularizer(policy, anchor, lengths, "padded_token_mean").item() == pytest.approx(1 / 9)
+    # Without the (θ-constant) anchor term: the original's value, -mean(policy) / L = 21 / 18.
+    assert forward_kl_regularizer(policy, None, lengths, "padded_token_mean").item() == pytest.approx(21 / 18)
+    with pytest.raises(ValueError, match="reduction"):
+        forward_kl_regularizer(policy, anchor, lengths, "token_mean")
+    with pytest.raises(ValueError, match="1-D tensors of one shape"):
+        forward_kl_regularizer(policy, anchor[:2], lengths)

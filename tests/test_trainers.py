@@ -438,6 +438,9 @@ def test_rspo_forward_kl_loss_and_gradient_match_independent_computation(
         logprob_impl=impl,
         learning_rate=0.0,
         max_steps=1,
+        # The gradient check below differences two losses (λ = 1 and 0): the pairs must be forwarded in the same
+        # layout both times, which prefix sharing would change (the μ sample joins the pair's packed row).
+        prefix_sharing="off",
     )
     trainer = RSPOTrainer(
         perturbed_model_path, args=args, train_dataset=_anchor_sample_dataset(), processing_class=tokenizer
@@ -473,6 +476,20 @@ def test_rspo_forward_kl_loss_and_gradient_match_independent_computation(
         torch.testing.assert_close(
             grads[0][name] - grads[1][name], weight * param.grad, atol=1e-5, rtol=1e-3, msg=name
         )
+
+    # `forward_kl_reduction="padded_token_mean"` (the original RSPO code's): the same term over batch size × longest
+    # μ sample of the batch instead of the batch size.
+    trainer.args.regularizers = {"forward_kl": weight}
+    longest = int(batch["anchor_completion_mask"].sum(dim=1).max())
+    assert longest > 1
+    losses = {}
+    for reduction in ("sum", "padded_token_mean"):
+        trainer.args.forward_kl_reduction = reduction
+        with torch.no_grad():
+            losses[reduction] = trainer.compute_loss(trainer.model, batch).item()
+    assert losses["sum"] - losses["padded_token_mean"] == pytest.approx(
+        weight * expected_reg.item() * (1 - 1 / longest), rel=1e-3
+    )
 
 
 def test_rspo_forward_kl_conversational_anchor_from_initial_policy(tiny_model_path, tmp_path):

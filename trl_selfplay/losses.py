@@ -3,7 +3,7 @@
 Every tensor argument is 1-D over the batch and holds *summed* log-probabilities of a completion given its prompt:
 `policy_*` under the model being trained πθ, `ref_*` under the frozen opponent π_t of the current iteration,
 `anchor_*` under the initial model μ. The log-ratios are `h = policy − ref`. No function here keeps state or
-touches a model; the trainers map a batch to these tensors and call them. Formulas: `DESIGN.md` §3.
+touches a model; the trainers map a batch to these tensors and call them. Formulas: `docs/methods.md`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 SPIN_LOSS_TYPES = ("sigmoid", "hinge")
 RSPO_REGULARIZERS = ("reverse_kl", "forward_kl_is", "chi2", "forward_kl")
+FORWARD_KL_REDUCTIONS = ("sum", "padded_token_mean")
 ALPHA_SCHEDULES = ("constant", "linear", "adaptive")
 # Below this distance to a singular order, the exact limit is used (the closed form divides by ~0).
 _ORDER_EPS = 1e-4
@@ -92,7 +93,8 @@ def iris_loss(
     alpha: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""IRIS objective: the Rényi–Donsker–Varadhan bound of order α (Liao et al. 2026, "Interpolative Rényi
-    Iterative Self-play"; our reconstruction from the variational form of Birrell et al., SIMODS 2021; DESIGN §3.2).
+    Iterative Self-play"; our reconstruction from the variational form of Birrell et al., SIMODS 2021; see
+    `docs/methods.md`).
 
     With the discriminator :math:`g = \beta h`, N annotated and M generated sequences of the batch:
 
@@ -237,6 +239,47 @@ def rspo_regularizer(
     raise ValueError(f"`kind` must be one of {RSPO_REGULARIZERS}, got {kind!r}.")
 
 
+def forward_kl_regularizer(
+    policy_logps: torch.Tensor,
+    anchor_logps: torch.Tensor | None,
+    lengths: torch.Tensor,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    r"""RSPO's `forward_kl` term on B responses :math:`y_b` sampled from μ, reduced to one scalar.
+
+    `policy_logps` / `anchor_logps` are the per-sequence sums :math:`\log\pi_\theta(y_b|x_b)` / :math:`\log\mu(y_b|x_b)`
+    and `lengths` the number of scored tokens :math:`|y_b|` of each sample. With :math:`L = \max_b |y_b|`:
+
+    - `sum` (ours): :math:`\frac{1}{B}\sum_b \big(\log\mu(y_b) - \log\pi_\theta(y_b)\big)`, the Monte-Carlo estimate of
+      :math:`\mathrm{KL}(\mu\,\|\,\pi_\theta)` per sequence.
+    - `padded_token_mean` (the original's): :math:`\frac{1}{B\,L}\sum_b \big(\log\mu(y_b) - \log\pi_\theta(y_b)\big)`.
+      xiaohangt/RSPO `sppo/trainer_reg.py` (`get_batch_loss_metrics` and `sppo_loss`, loss type `sppo_forward`)
+      multiplies the per-token log-probs of the tokenised `reference_response` batch by `attention_mask[:, 1:]` and
+      takes `-model_logp_reference_responses.mean()` over the whole padded ``[B, L]`` tensor: padding positions count
+      in the denominator as zeros, so every sequence is divided by the batch's longest one, not by its own length.
+
+    `anchor_logps=None` drops the :math:`\log\mu` term, which is constant in θ: the value is then exactly the
+    original's `reg_loss` (it has no μ term) and the gradient is the same either way.
+
+    Returns:
+        A scalar tensor.
+    """
+    _check_same_shape(policy_logps=policy_logps, lengths=lengths)
+    if anchor_logps is not None:
+        _check_same_shape(policy_logps=policy_logps, anchor_logps=anchor_logps)
+    if reduction not in FORWARD_KL_REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {FORWARD_KL_REDUCTIONS}, got {reduction!r}.")
+    if policy_logps.numel() == 0:
+        raise ValueError("`policy_logps` is empty: the forward KL needs at least one sample from the anchor.")
+    if (lengths < 0).any():
+        raise ValueError("`lengths` must be >= 0 (scored token counts of the anchor samples).")
+    per_sequence = -policy_logps if anchor_logps is None else anchor_logps - policy_logps
+    if reduction == "sum":
+        return per_sequence.mean()
+    longest = lengths.max().clamp(min=1).to(per_sequence.dtype)
+    return per_sequence.mean() / longest
+
+
 def win_probabilities(preferences: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
     r"""Estimated :math:`P(y_i \succ \pi_t) = \frac{1}{K}\sum_j P(y_i \succ y_j)` from a preference matrix over K
     samples of one prompt, `preferences[..., i, j]` = :math:`P(y_i \succ y_j)`.
@@ -264,14 +307,42 @@ def distribution_gap(
     ref_generated_logps: torch.Tensor,
     real_lengths: torch.Tensor,
     generated_lengths: torch.Tensor,
+    current: torch.Tensor | None = None,
 ) -> float:
     r"""IRIS's distributional gap :math:`\hat D_t = \overline{\log\pi_t(y')/|y'|} - \overline{\log\pi_t(y)/|y|}`:
-    the per-token log-likelihood π_t gives its own samples minus what it gives the annotated responses (0 when
-    π_t equals the data distribution). Computed from the reference pass of iteration t (DESIGN §3.2)."""
+    the per-token log-likelihood π_t gives its own samples y' minus what it gives the annotated responses y (0 when
+    π_t equals the data distribution), from the reference pass of iteration t (see `docs/methods.md`).
+
+    Args:
+        ref_real_logps, ref_generated_logps: π_t's summed log-probs of the annotated / generated response of each row.
+        real_lengths, generated_lengths: the number of tokens the trainer scored in each response, i.e. AFTER
+            truncation (`SelfPlayTrainerBase.completion_lengths`), so that each sum is divided by its own token count.
+        current: optional boolean mask (or integer indices) of the rows whose generated response is π_t's own sample
+            of this iteration. Rows mixed in from earlier iterations (π_{t-1}'s samples) are left out of BOTH means,
+            so each term averages over the same prompts. `None` uses every row.
+    """
     _check_same_shape(ref_real_logps=ref_real_logps, real_lengths=real_lengths)
     _check_same_shape(ref_generated_logps=ref_generated_logps, generated_lengths=generated_lengths)
+    _check_same_shape(ref_real_logps=ref_real_logps, ref_generated_logps=ref_generated_logps)
+    if current is not None:
+        current = torch.as_tensor(current)
+        if current.dtype == torch.bool:
+            if current.shape != ref_real_logps.shape:
+                raise ValueError(
+                    f"`current` must be a boolean mask with one entry per row ({ref_real_logps.numel()}), got shape "
+                    f"{tuple(current.shape)}."
+                )
+        elif current.dtype.is_floating_point or current.dim() != 1:
+            raise ValueError("`current` must be a boolean mask or a 1-D tensor of integer row indices.")
+        ref_real_logps, ref_generated_logps = ref_real_logps[current], ref_generated_logps[current]
+        real_lengths, generated_lengths = real_lengths[current], generated_lengths[current]
+    if ref_real_logps.numel() == 0:
+        raise ValueError("`distribution_gap` needs at least one row of the current iteration; `current` selects none.")
     if (real_lengths <= 0).any() or (generated_lengths <= 0).any():
-        raise ValueError("`real_lengths` and `generated_lengths` must be > 0 (completion token counts).")
+        raise ValueError(
+            "`real_lengths` and `generated_lengths` must be > 0 (the scored completion token counts); a row with no "
+            "scored token has no per-token log-likelihood: drop it, or raise `max_length` / set `max_prompt_length`."
+        )
     generated = (ref_generated_logps.double() / generated_lengths.double()).mean()
     real = (ref_real_logps.double() / real_lengths.double()).mean()
     return float(generated - real)
@@ -287,14 +358,18 @@ def iris_alpha(
     gap: float | None = None,
     initial_gap: float | None = None,
 ) -> float:
-    r"""The Rényi order α_t of iteration t (0-based) under IRIS's order schedule (DESIGN §3.2).
+    r"""The Rényi order α_t of iteration t (0-based) under IRIS's order schedule (see `docs/methods.md`).
 
     - `constant`: α.
     - `linear`: from `alpha_start` at the first iteration to `alpha_end` at the last.
     - `adaptive`: :math:`\alpha_t = \alpha_{end} + (\alpha_{start} - \alpha_{end})\,
-      \mathrm{clip}(\hat D_t / \hat D_0, 0, 1)` with `gap` = :math:`\hat D_t`, `initial_gap` = :math:`\hat D_0`
-      (see :func:`distribution_gap`): sharp while π_t is far from the data, smooth as the gap closes. When
-      :math:`\hat D_0 \le 0` there is no gap to close and `alpha_end` is returned.
+      \mathrm{clip}(|\hat D_t| / |\hat D_0|, 0, 1)` with `gap` = :math:`\hat D_t`, `initial_gap` = :math:`\hat D_0`
+      (see :func:`distribution_gap`): sharp while π_t is as far from the data as π_0 was, smooth as the gap closes.
+      Magnitudes make the rule work whatever the sign of the gap (on sampled responses :math:`\hat D_0` is often
+      negative: π_0 gives its temperature-1 samples a lower per-token likelihood than the annotated answers); a gap
+      that grows past :math:`|\hat D_0|` keeps `alpha_start`. At t = 0, `gap` = `initial_gap`, so
+      :math:`\alpha_0 = \alpha_{start}`. :math:`\hat D_0 = 0` leaves no scale to measure progress against: the
+      ratio is taken as 1 (its limit as :math:`|\hat D_0| \to 0` for any non-zero gap), so α stays at `alpha_start`.
     """
     if not (isinstance(num_iterations, int) and num_iterations >= 1):
         raise ValueError(f"`num_iterations` must be an integer >= 1, got {num_iterations!r}.")
@@ -308,7 +383,9 @@ def iris_alpha(
     elif schedule == "adaptive":
         if gap is None or initial_gap is None:
             raise ValueError("The `adaptive` alpha schedule needs `gap` and `initial_gap` (from distribution_gap).")
-        ratio = min(max(gap / initial_gap, 0.0), 1.0) if initial_gap > 0 else 0.0
+        if not (math.isfinite(gap) and math.isfinite(initial_gap)):
+            raise ValueError(f"`gap` and `initial_gap` must be finite, got {gap!r} and {initial_gap!r}.")
+        ratio = min(abs(gap) / abs(initial_gap), 1.0) if initial_gap != 0 else 1.0
         result = alpha_end + (alpha_start - alpha_end) * ratio
     else:
         raise ValueError(f"`alpha_schedule` must be one of {ALPHA_SCHEDULES}, got {schedule!r}.")

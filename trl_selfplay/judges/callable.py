@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from trl_selfplay.judges.base import PreferenceJudge, check_judge_inputs
+from trl_selfplay.judges.preferences import PREFERENCE_MODES
 
 KINDS = ("reward", "pairwise")
 
@@ -19,13 +20,17 @@ class RewardFunctionJudge(PreferenceJudge):
             `fn(prompt, a, b) -> float`, the probability that `a` is preferred to `b`, in [0, 1].
         kind: `"reward"` (Bradley-Terry: P_ij = σ((s_i − s_j) / temperature)) or `"pairwise"` (P_ij = fn(x, y_i, y_j)).
         temperature: scale of reward differences (`kind="reward"` only).
+        mode: how :meth:`preferences` picks the pair: `"pairwise"` (win rates of the matrix) or `"aggregate"`
+            (SPPO's rule on the scores :meth:`scores` = reward / temperature; `kind="reward"` only).
 
     Example:
         >>> judge = RewardFunctionJudge(lambda prompt, completion: float(completion.strip() == "4"))
         >>> judge.preference_matrix(["2+2="], [["4", "5"]])[0, 0, 1]  # σ(1) ≈ 0.73
     """
 
-    def __init__(self, fn: Callable[..., float], *, kind: str = "reward", temperature: float = 1.0):
+    def __init__(
+        self, fn: Callable[..., float], *, kind: str = "reward", temperature: float = 1.0, mode: str = "pairwise"
+    ):
         if not callable(fn):
             raise ValueError(f"`fn` must be callable, got {type(fn).__name__}.")
         if kind not in KINDS:
@@ -34,6 +39,14 @@ class RewardFunctionJudge(PreferenceJudge):
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
         if kind == "pairwise" and temperature != 1.0:
             raise ValueError("`temperature` scales reward differences; it has no meaning with `kind='pairwise'`.")
+        if mode not in PREFERENCE_MODES:
+            raise ValueError(f"`mode` must be one of {PREFERENCE_MODES}, got {mode!r}.")
+        if mode == "aggregate" and kind != "reward":
+            raise ValueError(
+                "`mode='aggregate'` ranks by per-candidate scores, which only `kind='reward'` has; use "
+                "mode='pairwise' with a pairwise function."
+            )
+        self.mode = mode
         self.fn = fn
         self.kind = kind
         self.temperature = temperature
@@ -46,6 +59,12 @@ class RewardFunctionJudge(PreferenceJudge):
         return torch.tensor(
             [[float(self.fn(p, c)) for c in cands] for p, cands in zip(prompts, completions)], dtype=torch.float64
         )
+
+    def scores(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
+        """Bradley-Terry scores s[n, k] = reward / temperature, so that P_ij = σ(s_i − s_j) (`kind="reward"`)."""
+        if self.kind != "reward":
+            raise ValueError("A pairwise judge has no per-candidate scores; `scores` needs `kind='reward'`.")
+        return self.rewards(prompts, completions) / self.temperature
 
     def preference_matrix(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
         k = check_judge_inputs(prompts, completions)

@@ -3,7 +3,7 @@
 The `llm-blender` package does not import with transformers 5, so this file carries the model: a DeBERTa-v3 encoder
 (`pretrained_model.*`) and a two-layer head (`head_layer.*`) scoring [h_source; h_candidate] at the positions of the
 `<|source|>`, `<|candidate1|>`, `<|candidate2|>` tokens. logit(y1, y2) = head(src, c1) − head(src, c2) and
-P(y1 ≻ y2 | x) = σ(logit). See DESIGN.md §3.4.
+P(y1 ≻ y2 | x) = σ(logit). See `docs/methods.md`.
 
 Unlike the original pipeline (one prompt per forward, one pair at a time), every ordered pair of every prompt is
 built up front, sorted by length and run through the encoder in batches of `batch_size` pairs.
@@ -12,6 +12,7 @@ built up front, sorted by length and run through the encoder in batches of `batc
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ import torch
 from torch import nn
 
 from trl_selfplay.judges.base import PreferenceJudge, check_judge_inputs
+from trl_selfplay.judges.preferences import PREFERENCE_MODES, preference_record
+
+logger = logging.getLogger(__name__)
 
 SOURCE_PREFIX = "<|source|>"
 CANDIDATE1_PREFIX = "<|candidate1|>"
@@ -56,9 +60,16 @@ DEBERTA_V3_LARGE = {
 }
 KNOWN_BACKBONES = {"microsoft/deberta-v3-large": DEBERTA_V3_LARGE}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Which file the original loader reads when a directory holds both: llm-blender's `load_ranker`
+# (llm_blender/blender/blender_utils.py) tries `pytorch_model.bin` first for its own layout; the `-hf` layout is
+# loaded by transformers' `from_pretrained`, which prefers safetensors.
+WEIGHT_ORDER = {"original": ("pytorch_model.bin", "model.safetensors"), "hf": WEIGHT_FILES}
+# Token budgets when a checkpoint's config does not give them (llm-blender/PairRM's ranker config values).
+DEFAULT_SOURCE_MAXLENGTH = 1224
+DEFAULT_CANDIDATE_MAXLENGTH = 412
 # Buffers some transformers versions saved although they are recomputed at init; ignoring them loses nothing.
 LEGACY_BUFFER_KEYS = {"pretrained_model.embeddings.position_ids"}
-MODES = ("pairwise", "aggregate")
+MODES = PREFERENCE_MODES
 
 
 class PairRMModel(nn.Module):
@@ -95,30 +106,44 @@ class PairRMModel(nn.Module):
         return (left - right).mean(dim=-1)  # mean over tasks, as the original (n_tasks = 1)
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    for name in ("config.json", "ranker_config.json"):
+        if (path / name).exists():
+            return json.loads((path / name).read_text())
+    raise ValueError(f"No config.json in {path}; is it a PairRM checkpoint directory?")
+
+
+def _layout(config: dict[str, Any]) -> str:
+    return "hf" if config.get("model_type") == "deberta-v2" else "original"
+
+
 def _resolve_path(model_name_or_path: str) -> Path:
     if os.path.isdir(model_name_or_path):
         return Path(model_name_or_path)
     from huggingface_hub import snapshot_download
 
-    # Config, tokenizer and ONE weights file (safetensors first): the repos also hold pickled training files.
-    path = Path(snapshot_download(repo_id=model_name_or_path, allow_patterns=["*.json", "*.model", *WEIGHT_FILES[:1]]))
-    if not (path / WEIGHT_FILES[0]).exists():
-        path = Path(
-            snapshot_download(repo_id=model_name_or_path, allow_patterns=["*.json", "*.model", WEIGHT_FILES[1]])
-        )
+    # Config and tokenizer, then ONE weights file, the one the original loader reads (the repos also hold pickled
+    # training files).
+    patterns = ["*.json", "*.model"]
+    path = Path(snapshot_download(repo_id=model_name_or_path, allow_patterns=patterns))
+    for name in WEIGHT_ORDER[_layout(_read_config(path))]:
+        path = Path(snapshot_download(repo_id=model_name_or_path, allow_patterns=[*patterns, name]))
+        if (path / name).exists():
+            break
     return path
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_FILES:
+def _read_state_dict(path: Path, layout: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict and the file it came from, trying the files in the original loader's order."""
+    for name in WEIGHT_ORDER[layout]:
         file = path / name
         if not file.exists():
             continue
         if name.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
+            return load_file(str(file)), name
+        return torch.load(file, map_location="cpu", weights_only=True), name
     raise ValueError(f"No PairRM weights in {path}: expected one of {WEIGHT_FILES}.")
 
 
@@ -147,20 +172,22 @@ def load_pairrm(
 ) -> tuple[PairRMModel, Any, dict[str, Any]]:
     """Load a PairRM checkpoint (original or `-hf` layout, `.bin` or safetensors) with strict key matching.
 
-    Returns the model (eval mode), its tokenizer and a dict of facts (`layout`, token ids, `config`).
+    When the directory holds both `pytorch_model.bin` and `model.safetensors`, the file the original loader reads
+    is loaded: `pytorch_model.bin` for llm-blender's layout (`load_ranker`), `model.safetensors` for the `-hf`
+    layout (transformers' `from_pretrained`).
+
+    Returns the model (eval mode), its tokenizer and a dict of facts (`layout`, token ids, `config`, `path`,
+    `weights_file`, and the checkpoint's token budgets `source_maxlength` / `candidate_maxlength`).
     """
     from transformers import AutoTokenizer
 
     path = _resolve_path(model_name_or_path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        config_file = path / "ranker_config.json"
-    if not config_file.exists():
-        raise ValueError(f"No config.json in {path}; is it a PairRM checkpoint directory?")
-    raw_config = json.loads(config_file.read_text())
+    raw_config = _read_config(path)
     backbone_config, layout = _backbone_config(path, raw_config)
 
-    state_dict = _read_state_dict(path)
+    state_dict, weights_file = _read_state_dict(path, layout)
+    if all((path / name).exists() for name in WEIGHT_FILES):
+        logger.info(f"{path} holds both {WEIGHT_FILES}; loading {weights_file}, as the original loader does.")
     for key in LEGACY_BUFFER_KEYS & state_dict.keys():
         del state_dict[key]
     embedding_key = "pretrained_model.embeddings.word_embeddings.weight"
@@ -205,7 +232,17 @@ def load_pairrm(
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
-    return model, tokenizer, {"layout": layout, "token_ids": ids, "config": raw_config, "path": path}
+    budgets = {
+        "source_maxlength": int(raw_config.get("source_maxlength") or DEFAULT_SOURCE_MAXLENGTH),
+        "candidate_maxlength": int(raw_config.get("candidate_maxlength") or DEFAULT_CANDIDATE_MAXLENGTH),
+    }
+    info = {"layout": layout, "token_ids": ids, "config": raw_config, "path": path, "weights_file": weights_file}
+    return model, tokenizer, {**info, **budgets}
+
+
+def _check_budget(name: str, value: int | None) -> None:
+    if value is not None and not (isinstance(value, int) and value >= 4):
+        raise ValueError(f"`{name}` must be an integer of at least 4 tokens, got {value!r}.")
 
 
 class PairRMJudge(PreferenceJudge):
@@ -220,9 +257,11 @@ class PairRMJudge(PreferenceJudge):
         mode: `"pairwise"` (above) or `"aggregate"`: the original SPPO/RSPO pipeline's probabilities
             σ(s_i − s_j) from scores s_i = mean_j (l(i,j) − l(j,i)) aggregated over the whole candidate set
             (llm-blender's `rank(..., return_scores=True)`, "max_logits" policy).
-        max_source_length: token budget of `[CLS]<|source|> prompt [SEP]` (1224 in the checkpoint's ranker config).
-        max_candidate_length: token budget of each `[CLS]<|candidate|> response [SEP]` (412), plus half of the
-            source budget the prompt leaves unused.
+        max_source_length: token budget of `[CLS]<|source|> prompt [SEP]`. `None` (default) reads the checkpoint's
+            `source_maxlength` (1224 for llm-blender/PairRM), as llm-blender's `rank` does (its `source_max_length`
+            argument, else the ranker config's value); 1224 when the config has none.
+        max_candidate_length: token budget of each `[CLS]<|candidate|> response [SEP]`, plus half of the source
+            budget the prompt leaves unused. `None` (default) reads the checkpoint's `candidate_maxlength` (412).
         device, dtype: where and in which precision to run (default: CUDA if available, float32).
     """
 
@@ -233,8 +272,8 @@ class PairRMJudge(PreferenceJudge):
         batch_size: int = 32,
         debias: bool = True,
         mode: str = "pairwise",
-        max_source_length: int = 1224,
-        max_candidate_length: int = 412,
+        max_source_length: int | None = None,
+        max_candidate_length: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ):
@@ -242,14 +281,18 @@ class PairRMJudge(PreferenceJudge):
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if max_source_length < 4 or max_candidate_length < 4:
-            raise ValueError("`max_source_length` and `max_candidate_length` must be at least 4 tokens.")
+        _check_budget("max_source_length", max_source_length)
+        _check_budget("max_candidate_length", max_candidate_length)
         self.batch_size = batch_size
         self.debias = debias
         self.mode = mode
-        self.max_source_length = max_source_length
-        self.max_candidate_length = max_candidate_length
         self.model, self.tokenizer, info = load_pairrm(model_name_or_path, device=device, dtype=dtype)
+        self.max_source_length = max_source_length if max_source_length is not None else info["source_maxlength"]
+        self.max_candidate_length = (
+            max_candidate_length if max_candidate_length is not None else info["candidate_maxlength"]
+        )
+        _check_budget("source_maxlength (checkpoint config)", self.max_source_length)
+        _check_budget("candidate_maxlength (checkpoint config)", self.max_candidate_length)
         self.layout = info["layout"]
         self.token_ids = info["token_ids"]
         self.device = next(self.model.parameters()).device
@@ -340,7 +383,21 @@ class PairRMJudge(PreferenceJudge):
 
     def preference_matrix(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
         """P[n, i, j] = P(y_i ≻ y_j | x_n), shape [N, K, K], diagonal ½ (see the class docstring for the modes)."""
+        return self._matrix(self.pair_logits(prompts, completions))
+
+    def preferences(self, prompts: list[str], completions: list[list[str]]) -> list[dict[str, Any]]:
+        """One record per prompt (see `PreferenceJudge.preferences`), from ONE PairRM pass: `scores` are always
+        included (they are free given the pair logits)."""
         logits = self.pair_logits(prompts, completions)
+        scores = (logits - logits.transpose(1, 2)).mean(dim=-1)
+        if self.mode == "aggregate":
+            return [preference_record("aggregate", scores=row) for row in scores]
+        return [
+            preference_record("pairwise", preferences=matrix, scores=row)
+            for matrix, row in zip(self._matrix(logits), scores)
+        ]
+
+    def _matrix(self, logits: torch.Tensor) -> torch.Tensor:
         if self.mode == "aggregate":
             s = (logits - logits.transpose(1, 2)).mean(dim=-1)
             return torch.sigmoid(s[:, :, None] - s[:, None, :])

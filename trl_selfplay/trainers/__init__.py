@@ -4,9 +4,11 @@ from trl_selfplay.trainers.base import SelfPlayBatch, SelfPlayConfig, SelfPlayTr
 from trl_selfplay.trainers.iris import IRISConfig, IRISTrainer
 from trl_selfplay.trainers.rspo import DataCollatorForRSPO, RSPOConfig, RSPOTrainer
 from trl_selfplay.trainers.spin import SPINConfig, SPINTrainer
+from trl_selfplay.trainers.truncation import DataCollatorForSelfPlay, truncate_prompt_and_responses
 
 __all__ = [
     "DataCollatorForRSPO",
+    "DataCollatorForSelfPlay",
     "IRISConfig",
     "IRISTrainer",
     "RSPOConfig",
@@ -16,4 +18,5 @@ __all__ = [
     "SelfPlayBatch",
     "SelfPlayConfig",
     "SelfPlayTrainerBase",
+    "truncate_prompt_and_responses",
 ]

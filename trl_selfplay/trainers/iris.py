@@ -1,5 +1,5 @@
 """IRIS (Liao et al. 2026, "Interpolative Rényi Iterative Self-play"): Rényi–Donsker–Varadhan objective of order α
-over annotated vs self-generated responses (DESIGN.md §3.2), as a drop-in `trl.DPOTrainer`."""
+over annotated vs self-generated responses (see `docs/methods.md`), as a drop-in `trl.DPOTrainer`."""
 
 from __future__ import annotations
 
@@ -32,9 +32,14 @@ class IRISConfig(SelfPlayConfig):
             Noise ratio μ of the `"space"` loss.
         alpha_schedule (`str`, *optional*, defaults to `"constant"`):
             How the multi-iteration runner sets α per iteration: `"constant"` (`alpha`), `"linear"` (from
-            `alpha_start` to `alpha_end`) or `"adaptive"` (from the distributional gap, DESIGN.md §3.2). The runner
-            resolves it with `trl_selfplay.losses.iris_alpha` and passes a concrete `alpha`; the trainer itself
-            always uses `alpha`.
+            `alpha_start` to `alpha_end`) or `"adaptive"`: α_t = α_end + (α_start − α_end)·clip(|D̂_t| / |D̂_0|, 0, 1),
+            where D̂_t is the distributional gap of iteration t (`trl_selfplay.losses.distribution_gap`: the mean
+            per-token log-likelihood π_t gives its OWN samples of iteration t minus the one it gives the annotated
+            responses of the same rows, per-token over the truncated lengths the trainer scores). Magnitudes make
+            the rule independent of the gap's sign (often negative); α_0 = α_start; the gap shrinking moves α to
+            α_end; a gap beyond |D̂_0| keeps α_start, and D̂_0 = 0 keeps α_start throughout. The runner resolves it
+            with `trl_selfplay.losses.iris_alpha` and passes a concrete `alpha`; the trainer itself always uses
+            `alpha`.
         alpha_start (`float`, *optional*, defaults to `2.0`):
             α of the first iteration for the `linear` and `adaptive` schedules.
         alpha_end (`float`, *optional*, defaults to `0.5`):
