@@ -1,8 +1,8 @@
-"""Workloads of the training-step benchmarks (DESIGN.md §7, issues 3 and 7): a random Llama model of a given shape
+"""Workloads of the training-step benchmarks (issues 3, 7 and 15): a random Llama model of a given shape
 saved to a directory (loaded back by path, as a user's model is) and a preference dataset of random tokens.
 
 The tokenizer is a word-level one whose words are `w<id>`, so a text of n words is exactly n tokens: the sequences
-have the same length under every trainer (prompt 64 + completion 192 tokens, the last completion token being EOS).
+have the same length under every trainer (e.g. prompt 64 + completion 192 tokens, the last completion token being EOS).
 """
 
 from __future__ import annotations
@@ -34,11 +34,21 @@ class Workload:
 
 
 WORKLOADS = {
-    "W1": Workload(
-        "W1", 32_000, 256, 688, 4, 8, description="DESIGN.md §7: Llama, vocab 32,000, hidden 256, 4 layers, 19.5M"
-    ),
+    "W1": Workload("W1", 32_000, 256, 688, 4, 8, description="Llama, vocab 32,000, hidden 256, 4 layers, 19.5M"),
     "W2": Workload(
         "W2", 8_192, 512, 688, 4, 8, description="W1 with vocab 8,192 and hidden 512 (smaller LM-head share)"
+    ),
+    # Issue 15 (prefix sharing): the W1 model with long prompts and short responses, as in multi-turn contexts.
+    "W3": Workload(
+        "W3",
+        32_000,
+        256,
+        688,
+        4,
+        8,
+        prompt_length=512,
+        completion_length=128,
+        description="the W1 model, prompt 512 + two 128-token responses",
     ),
     # Smoke-test size (`--quick`): same pipeline, seconds per run.
     "tiny": Workload("tiny", 1_024, 64, 176, 2, 4, num_examples=16, prompt_length=16, completion_length=48),

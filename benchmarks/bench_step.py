@@ -1,9 +1,15 @@
-"""Training-step benchmark of SPINTrainer, IRISTrainer and RSPOTrainer against `trl.DPOTrainer` (issues 3 and 7).
+"""Training-step benchmark of SPINTrainer, IRISTrainer and RSPOTrainer against `trl.DPOTrainer` (issues 3 and 7),
+and of prefix sharing (issue 15).
 
-Workloads (benchmarks/_workloads.py): W1 = DESIGN.md §7 (Llama, vocab 32,000, hidden 256, intermediate 688, 4 layers,
-8 heads, fp32, 19.5M parameters), W2 = W1 with vocab 8,192 and hidden 512. 64 random-token examples, prompt 64 +
-completion 192 tokens, batch 4 pairs, rmsprop, lr 1e-6, β 0.1, no gradient checkpointing, 25 steps, 2 torch threads;
-the reported step time is the median of steps 5–25.
+Workloads (benchmarks/_workloads.py): W1 = Llama, vocab 32,000, hidden 256, intermediate 688, 4 layers, 8 heads,
+fp32, 19.5M parameters; W2 = W1 with vocab 8,192 and hidden 512; W3 = the W1 model with long prompts (prompt 512 +
+completion 128 tokens). 64 random-token examples, prompt 64 + completion 192 tokens (W1, W2), batch 4 pairs,
+rmsprop, lr 1e-6, β 0.1, no gradient checkpointing, 25 steps, 2 torch threads; the reported step time is the median
+of steps 5–25.
+
+Prefix sharing (`--prefix-sharing`: W1 and W3, configs `spin_unshared` / `spin_shared` / `spin` / `floor`): the SPIN
+step and reference precompute with `prefix_sharing="off"` (TRL's layout, the baseline), `"on"` and the default
+`"auto"`, against the (unshared) floor.
 
 Every (run, workload, config) is measured in a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own. Step times
 come from a `TrainerCallback`: `step` = on_step_begin → on_step_end (forward, backward, clipping, optimizer and
@@ -15,6 +21,7 @@ log_softmax/gather → SPIN sigmoid loss on precomputed reference log-probs) and
     python benchmarks/bench_step.py                      # W1 and W2, all default configs, 1 run
     python benchmarks/bench_step.py --runs 3 --workloads W1
     python benchmarks/bench_step.py --quick              # smoke run (< 1 min): tiny model, 6 steps, one process
+    python benchmarks/bench_step.py --prefix-sharing     # issue 15: W1 and W3, prefix sharing off / on / auto
 """
 
 from __future__ import annotations
@@ -51,10 +58,14 @@ CONFIGS = {
     "rspo_fkl": "`RSPOTrainer`, forward_kl 1.0: one μ sample per pair (completion length), one more forward",
     "spin_fused": "`SPINTrainer`, `logprob_impl='fused'` (TRL's fused LM head)",
     "spin_ref": "`SPINTrainer`, defaults, reference model resident",
+    "spin_unshared": "`SPINTrainer`, `prefix_sharing='off'` (each prompt forwarded twice, as TRL)",
+    "spin_shared": "`SPINTrainer`, `prefix_sharing='on'` (one packed row per pair)",
     "floor": "floor: bare loop, direct log-prob path + RMSprop step, no `Trainer`",
 }
 DEFAULT_CONFIGS = ("dpo_ref", "dpo_precompute", "spin", "iris", "rspo", "rspo_reg", "spin_fused", "floor")
 OUR_TRAINERS = ("spin", "iris", "rspo", "rspo_reg")
+PREFIX_SHARING_WORKLOADS = ("W1", "W3")
+PREFIX_SHARING_CONFIGS = ("spin_unshared", "spin_shared", "spin", "floor")
 
 
 def _peak_rss_bytes() -> int:
@@ -211,6 +222,10 @@ def _run_trainer(
         trainer_cls, args = DPOTrainer, DPOConfig(**common)
     elif config in ("spin", "spin_ref"):
         trainer_cls, args = SPINTrainer, SPINConfig(**common)
+    elif config == "spin_unshared":
+        trainer_cls, args = SPINTrainer, SPINConfig(**common, prefix_sharing="off")
+    elif config == "spin_shared":
+        trainer_cls, args = SPINTrainer, SPINConfig(**common, prefix_sharing="on")
     elif config == "spin_fused":
         trainer_cls, args = SPINTrainer, SPINConfig(**common, logprob_impl="fused")
     elif config == "iris":
@@ -241,6 +256,8 @@ def _run_trainer(
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     choices = getattr(trainer, "_logprob_choices_logged", None)
+    # Which prefix-sharing choices the trainer made (the keys of its one-time log lines).
+    sharing = sorted(getattr(trainer, "_prefix_sharing_logged", ()))
     result = {
         "step_times": timer.step_times,
         "cpu_step_times": timer.cpu_step_times,
@@ -252,6 +269,7 @@ def _run_trainer(
         "ref_model_resident": trainer.ref_model is not None,
         "logprob_impl": getattr(args, "logprob_impl", "trl fused") + (f" -> {sorted(choices)}" if choices else ""),
         "logging_steps": args.logging_steps,
+        "prefix_sharing": getattr(args, "prefix_sharing", None) and f"{args.prefix_sharing} -> {sharing}",
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "train_loss": next((e["train_loss"] for e in trainer.state.log_history if "train_loss" in e), None),
@@ -348,6 +366,7 @@ def _summarize(records: list[dict], first_step: int) -> dict:
                 "ref_precompute_s": record["ref_precompute_s"],
                 "anchor_precompute_s": record.get("anchor_precompute_s"),
                 "peak_rss_bytes": record["peak_rss_bytes"],
+                "prefix_sharing": record.get("prefix_sharing"),
             }
         )
     for workload_name, configs in summary.items():
@@ -375,11 +394,21 @@ def _summarize(records: list[dict], first_step: int) -> dict:
                     entry[f"step_vs_{base}"] = entry["step_s"] / configs[base]["step_s"]
             if "dpo_ref" in configs and entry["peak_rss_bytes"]:
                 entry["rss_vs_dpo_ref"] = entry["peak_rss_bytes"] / configs["dpo_ref"]["peak_rss_bytes"]
+            # Prefix sharing (issue 15): against the unshared SPIN trainer of the same run.
+            unshared = configs.get("spin_unshared")
+            if unshared is not None:
+                for key, ratio in (
+                    ("step_s", "step_vs_spin_unshared"),
+                    ("ref_precompute_s", "ref_precompute_vs_spin_unshared"),
+                    ("peak_rss_bytes", "rss_vs_spin_unshared"),
+                ):
+                    if entry[key] is not None and unshared[key]:
+                        entry[ratio] = entry[key] / unshared[key]
     return summary
 
 
 def _targets(summary: dict) -> list[dict]:
-    """Targets of issue 7 (W1, W2) and issue 3 (each workload), as (check, value, limit, met)."""
+    """Targets of issue 7 (W1, W2), issue 3 (each workload) and issue 15 (W1, W3), as (check, value, limit, met)."""
     checks = []
 
     def add(workload, config, what, key, limit):
@@ -405,11 +434,42 @@ def _targets(summary: dict) -> list[dict]:
             )
             if config.startswith("rspo"):
                 add(workload, config, "issue 3: RSPO peak RSS <= DPOTrainer (resident ref)", "rss_vs_dpo_ref", 1.0)
+    for config in ("spin_shared", "spin"):  # prefix sharing on, and the default (auto)
+        add("W3", config, "issue 15: step <= 0.75x unshared", "step_vs_spin_unshared", 0.75)
+        add("W3", config, "issue 15: ref precompute <= 0.75x unshared", "ref_precompute_vs_spin_unshared", 0.75)
+        add("W1", config, "issue 15: step <= 1.02x unshared", "step_vs_spin_unshared", 1.02)
+        for workload in PREFIX_SHARING_WORKLOADS:
+            add(workload, config, "issue 15: peak RSS <= unshared", "rss_vs_spin_unshared", 1.0)
     return checks
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _prefix_sharing_table(configs: dict) -> list[str]:
+    lines = [
+        "Prefix sharing against the unshared SPIN trainer of the same run (`choice`: what the trainer logged):",
+        "",
+        "| config | step (s) | × unshared | × floor | ref precompute (ms/example) | × unshared | peak RSS (GiB) "
+        "| × unshared | choice |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config in ("spin_unshared", "spin_shared", "spin", "floor"):
+        entry = configs.get(config)
+        if entry is None:
+            continue
+        rss = None if entry["peak_rss_bytes"] is None else entry["peak_rss_bytes"] / 2**30
+        choice = entry["runs"][0].get("prefix_sharing") or "–"
+        lines.append(
+            f"| {CONFIGS[config]} | {_fmt(entry['step_s'], '.3f')} "
+            f"| {_fmt(entry.get('step_vs_spin_unshared'), '.2f', '×')} "
+            f"| {_fmt(entry.get('step_vs_floor'), '.2f', '×')} "
+            f"| {_fmt(entry['ref_precompute_ms_per_example'], '.1f')} "
+            f"| {_fmt(entry.get('ref_precompute_vs_spin_unshared'), '.2f', '×')} | {_fmt(rss, '.2f')} "
+            f"| {_fmt(entry.get('rss_vs_spin_unshared'), '.2f', '×')} | {choice} |"
+        )
+    return [*lines, ""]
 
 
 def markdown(result: dict) -> str:
@@ -447,6 +507,8 @@ def markdown(result: dict) -> str:
                 f"| {precompute} | {_fmt(rss, '.2f')} | {_fmt(entry.get('rss_vs_dpo_ref'), '.2f', '×')} |"
             )
         lines.append("")
+        if "spin_unshared" in configs:
+            lines += _prefix_sharing_table(configs)
     if result["targets"]:
         lines += ["### Targets", "", "| workload | trainer | target | value | met |", "|---|---|---|---|---|"]
         for check in result["targets"]:
@@ -473,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: tiny model, 6 steps, all configs in one process"
     )
+    parser.add_argument(
+        "--prefix-sharing",
+        action="store_true",
+        help=f"issue 15: workloads {' '.join(PREFIX_SHARING_WORKLOADS)}, configs {' '.join(PREFIX_SHARING_CONFIGS)}",
+    )
     parser.add_argument("--model-root", default=None, help="where the random models are saved (default: a temp dir)")
     parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/trainers[_quick].json)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per worker process")
@@ -495,11 +562,15 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(result))
         return 0
 
+    if args.prefix_sharing:
+        args.workloads, args.configs = list(PREFIX_SHARING_WORKLOADS), list(PREFIX_SHARING_CONFIGS)
     if args.quick:
         args.workloads, args.steps, args.median_from, args.runs = ["tiny"], 6, 3, 1
     if not 1 <= args.median_from <= args.steps:
         parser.error("--median-from must be between 1 and --steps")
     default_name = "trainers_quick.json" if args.quick else "trainers.json"
+    if args.prefix_sharing:
+        default_name = default_name.replace("trainers", "trainers_prefix_sharing")
     if args.profile_steps:  # profiled steps are slower: never overwrite the clean measurement
         default_name = default_name.replace(".json", "_profile.json")
     out = Path(args.out) if args.out else RESULTS_DIR / default_name

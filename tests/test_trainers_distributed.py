@@ -159,6 +159,40 @@ def test_rspo_forward_kl_under_deepspeed_zero3_two_processes(perturbed_model_pat
     assert result["changed"] == result["num_params"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_prefix_sharing_under_deepspeed_zero3_two_processes(perturbed_model_path, tiny_model_path, tmp_path):
+    """Prefix sharing under ZeRO-3 with 2 processes: the reference and anchor passes and the training forward pack
+    each prompt with its chosen, rejected and μ sample into ONE row; the columns, the loss and the first update (SGD,
+    lr 1: minus the clipped gradient) equal those of an unshared single-process run on the same global batch."""
+    out_file = tmp_path / "result.pt"
+    _launch(
+        ["--config_file", str(ZERO3_CONFIG)],
+        ["rspo-one-update", perturbed_model_path, tiny_model_path, "on", str(out_file)],
+    )
+    result = torch.load(out_file, weights_only=False)
+    assert result["zero_stage"] == 3 and result["world_size"] == 2
+    # One policy forward in the step: 2 rows per process, each holding a prompt and its 3 responses.
+    assert len(result["shapes"]) == 1 and result["shapes"][0][0] == 2
+    single = _load_script().rspo_one_update(
+        perturbed_model_path,
+        tiny_model_path,
+        str(tmp_path / "single"),
+        prefix_sharing="off",
+        per_device_train_batch_size=4,
+    )
+    assert [shape[0] for shape in single["shapes"]] == [8, 4]  # unshared: the pairs, then the μ samples
+    for name, values in single["columns"].items():
+        torch.testing.assert_close(torch.tensor(result["columns"][name]), torch.tensor(values), atol=1e-5, rtol=1e-5)
+    assert abs(single["reg_forward_kl"][0]) > 1e-2  # the policy is a perturbed μ
+    assert result["reg_forward_kl"][0] == pytest.approx(single["reg_forward_kl"][0], rel=1e-5)
+    assert result["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
+    assert result["update"].keys() == single["update"].keys()
+    assert all(update.abs().max() > 0 for update in single["update"].values())
+    for name, update in single["update"].items():
+        torch.testing.assert_close(result["update"][name], update, atol=1e-5, rtol=1e-5, msg=name)
+
+
 @pytest.mark.multiprocess
 def test_deepspeed_zero3_with_use_cpu_is_rejected(tiny_model_path, tmp_path):
     """ACCELERATE_USE_CPU disables DeepSpeed in accelerate while transformers still loads the model partitioned

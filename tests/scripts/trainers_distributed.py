@@ -9,6 +9,8 @@ single-process reference run).
         smoke-impl <policy_path> <fused|direct> <out_file>
     accelerate launch --config_file tests/configs/<cfg>.yaml tests/scripts/trainers_distributed.py \
         rspo-forward-kl <policy_path> <anchor_path> <out_file>
+    accelerate launch --config_file tests/configs/<cfg>.yaml tests/scripts/trainers_distributed.py \
+        rspo-one-update <policy_path> <anchor_path> <on|off|auto> <out_file>
 """
 
 import contextlib
@@ -23,7 +25,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
 from trl_selfplay import IRISConfig, IRISTrainer, RSPOConfig, RSPOTrainer, SPINConfig, SPINTrainer  # noqa: E402
-from trl_selfplay.loop import shutdown_distributed  # noqa: E402
+from trl_selfplay.runner import shutdown_distributed  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -207,6 +209,49 @@ def rspo_forward_kl(policy_path: str, anchor_path: str, out_dir: str, max_steps:
     }
 
 
+def rspo_one_update(policy_path: str, anchor_path: str, out_dir: str, prefix_sharing: str, **config) -> dict:
+    """One SGD step at learning rate 1 (the parameter update is minus the clipped gradient) of RSPO with the forward-KL
+    (a μ sample per pair) and reverse-KL regularizers, μ loaded by path. Records the shapes of the `input_ids` the
+    policy's backbone receives in training: under prefix sharing, one packed row per prompt."""
+    args = RSPOConfig(
+        out_dir,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        beta=0.01,
+        regularizers={"forward_kl": 1.0, "reverse_kl": 0.5},
+        anchor_model_name_or_path=anchor_path,
+        precompute_ref_log_probs=True,
+        prefix_sharing=prefix_sharing,
+        **{"per_device_train_batch_size": 2, **COMMON, **config},
+    )
+    trainer = RSPOTrainer(
+        policy_path,
+        args=args,
+        train_dataset=dataset(out_dir, rspo=True),
+        processing_class=AutoTokenizer.from_pretrained(policy_path),
+    )
+    shapes = []
+    trainer.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    before = _full_parameters(trainer.model)
+    trainer.train()
+    after = _full_parameters(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    columns = ("ref_chosen_logps", "ref_rejected_logps", "anchor_chosen_logps", "anchor_rejected_logps")
+    return {
+        "update": {n: after[n] - before[n] for n in before},
+        "losses": [e["loss"] for e in logs],
+        "reg_forward_kl": [e["rspo/reg_forward_kl"] for e in logs],
+        "columns": {c: trainer.train_dataset[c] for c in (*columns, "anchor_completion_logps")},
+        "shapes": shapes,
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "world_size": trainer.accelerator.num_processes,
+    }
+
+
 def main() -> None:
     mode, *rest = sys.argv[1:]
     out_file = rest[-1]
@@ -219,6 +264,8 @@ def main() -> None:
         result = smoke(rest[0], out_dir, logprob_impl=rest[1])
     elif mode == "rspo-forward-kl":
         result = rspo_forward_kl(rest[0], rest[1], out_dir)
+    elif mode == "rspo-one-update":
+        result = rspo_one_update(rest[0], rest[1], out_dir, prefix_sharing=rest[2])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     from accelerate import PartialState

@@ -1,5 +1,5 @@
 """RSPO (Tang et al. 2025, "Regularized Self-Play Alignment of Large Language Models"; SPPO is its λ = 0 case) as a
-drop-in `trl.DPOTrainer` (DESIGN.md §3.3)."""
+drop-in `trl.DPOTrainer` (see `docs/methods.md`)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,23 @@ from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import create_model_from_path, global_then_local_main_first, pad
 
-from trl_selfplay.losses import RSPO_REGULARIZERS, rspo_regularizer, sppo_loss
-from trl_selfplay.trainers.base import SelfPlayBatch, SelfPlayConfig, SelfPlayTrainerBase, install_selfplay_head
+from trl_selfplay.losses import (
+    FORWARD_KL_REDUCTIONS,
+    RSPO_REGULARIZERS,
+    forward_kl_regularizer,
+    rspo_regularizer,
+    sppo_loss,
+)
+from trl_selfplay.trainers.base import (
+    SelfPlayBatch,
+    SelfPlayConfig,
+    SelfPlayTrainerBase,
+    _named_datasets,
+    install_selfplay_head,
+)
+from trl_selfplay.trainers.truncation import DataCollatorForSelfPlay, truncate_prompt_and_responses
 
 logger = get_logger(__name__)
 
@@ -50,9 +62,15 @@ class RSPOConfig(SelfPlayConfig):
         regularizers (`dict[str, float]`, *optional*, defaults to `{}`):
             Regularizers towards the anchor μ (the initial model) and their weights λ ≥ 0, among `"reverse_kl"`,
             `"forward_kl_is"`, `"chi2"` and `"forward_kl"`, e.g. `{"reverse_kl": 0.5, "forward_kl_is": 0.1}` (the
-            paper's best). The first three add λ·(mean over chosen + mean over rejected); `"forward_kl"` adds λ·mean
-            of log μ(y) − log π_θ(y) over responses y sampled from μ, one per pair, read from the dataset column
-            `anchor_completion` (see [`RSPOTrainer`]). Empty = SPPO.
+            paper's best). The first three add λ·(mean over chosen + mean over rejected); `"forward_kl"` adds λ times
+            log μ(y) − log π_θ(y) over responses y sampled from μ, one per pair, read from the dataset column
+            `anchor_completion` (see [`RSPOTrainer`]), reduced per `forward_kl_reduction`. Empty = SPPO.
+        forward_kl_reduction (`str`, *optional*, defaults to `"sum"`):
+            How the `"forward_kl"` term reduces over the B μ samples of a batch, with d_b = log μ(y_b) − log π_θ(y_b)
+            summed over the tokens of y_b and L = the longest y_b of the (per-device) batch: `"sum"` (ours):
+            mean_b d_b, a per-sequence KL estimate; `"padded_token_mean"` (xiaohangt/RSPO `sppo/trainer_reg.py`):
+            Σ_b d_b / (B·L), the mean over the padded B×L token block, padding counted as zeros. λ values of the
+            paper's runs (e.g. 1.0) carry over only with `"padded_token_mean"`.
         log_ratio_clip (`float`, *optional*, defaults to `10.0`):
             Clip c of the log-ratio before exponentiating in `forward_kl_is` and `chi2`.
         update_direction (`str`, *optional*, defaults to `"sppo"`):
@@ -87,6 +105,14 @@ class RSPOConfig(SelfPlayConfig):
             "help": "Regularizers towards the anchor and their weights, e.g. "
             '{"reverse_kl": 0.5, "forward_kl_is": 0.1}. Kinds: reverse_kl, forward_kl_is, chi2, forward_kl (needs '
             "an `anchor_completion` column of responses sampled from the anchor)."
+        },
+    )
+    forward_kl_reduction: str = field(
+        default="sum",
+        metadata={
+            "help": "Reduction of the 'forward_kl' term over the batch's anchor samples: 'sum' (per-sequence sums, "
+            "averaged) or 'padded_token_mean' (the original RSPO code: divided by batch size x longest sample).",
+            "choices": list(FORWARD_KL_REDUCTIONS),
         },
     )
     log_ratio_clip: float = field(
@@ -135,6 +161,11 @@ class RSPOConfig(SelfPlayConfig):
                     "entry to disable it."
                 )
         self.regularizers = {kind: float(weight) for kind, weight in self.regularizers.items()}
+        if self.forward_kl_reduction not in FORWARD_KL_REDUCTIONS:
+            raise ValueError(
+                f"`forward_kl_reduction` must be one of {list(FORWARD_KL_REDUCTIONS)}, got "
+                f"{self.forward_kl_reduction!r}: 'sum' (ours) or 'padded_token_mean' (the original RSPO code)."
+            )
         if self.update_direction not in UPDATE_DIRECTIONS:
             raise ValueError(
                 f"`update_direction` must be one of {list(UPDATE_DIRECTIONS)}, got {self.update_direction!r}."
@@ -173,11 +204,12 @@ class RSPOConfig(SelfPlayConfig):
 
 
 @dataclass
-class DataCollatorForRSPO(DataCollatorForPreference):
-    """TRL's preference collator that also carries per-example float columns (win probabilities, anchor
-    log-probs) into the batch as 1-D tensors, and, when the examples have a tokenised μ sample
-    (`anchor_completion_ids`), pads prompt + μ sample into `anchor_input_ids`, `anchor_attention_mask` and
-    `anchor_completion_mask` (truncated like the pairs)."""
+class DataCollatorForRSPO(DataCollatorForSelfPlay):
+    """TRL's preference collator (with the optional `max_prompt_length` policy of `DataCollatorForSelfPlay`) that also
+    carries per-example float columns (win probabilities, anchor log-probs) into the batch as 1-D tensors, and, when
+    the examples have a tokenised μ sample (`anchor_completion_ids`), pads prompt + μ sample into `anchor_input_ids`,
+    `anchor_attention_mask` and `anchor_completion_mask`, truncated like the pairs (with `max_prompt_length`: the
+    same rule, the μ sample being the only response of its row)."""
 
     extra_columns: tuple[str, ...] = WIN_PROB_COLUMNS + ANCHOR_COLUMNS + (ANCHOR_SAMPLE_LOGPS_COLUMN,)
 
@@ -194,9 +226,14 @@ class DataCollatorForRSPO(DataCollatorForPreference):
         ids, masks = [], []
         for example in examples:
             prompt = example["prompt_ids"][: example["anchor_prompt_length"]]
-            ids.append(prompt + example["anchor_completion_ids"])
-            masks.append([0] * len(prompt) + [1] * len(example["anchor_completion_ids"]))
-        if self.max_length is not None:
+            completion = example["anchor_completion_ids"]
+            if self.max_prompt_length is not None:
+                prompt, (completion,) = truncate_prompt_and_responses(
+                    prompt, [completion], max_length=self.max_length, max_prompt_length=self.max_prompt_length
+                )
+            ids.append(prompt + completion)
+            masks.append([0] * len(prompt) + [1] * len(completion))
+        if self.max_length is not None and self.max_prompt_length is None:
             keep = (
                 slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
             )
@@ -261,6 +298,8 @@ class RSPOTrainer(SelfPlayTrainerBase):
     """
 
     config_class = RSPOConfig
+    collator_class = DataCollatorForRSPO
+    _probability_columns = WIN_PROB_COLUMNS
     _tag_names = ["trl", "trl_selfplay", "rspo"]
     _name = "RSPO"
     _paper = {
@@ -277,14 +316,6 @@ class RSPOTrainer(SelfPlayTrainerBase):
     }
 
     def _post_init(self) -> None:
-        if type(self.data_collator) is DataCollatorForPreference:  # TRL's default: carry our columns too
-            base = self.data_collator
-            self.data_collator = DataCollatorForRSPO(
-                pad_token_id=base.pad_token_id,
-                max_length=base.max_length,
-                truncation_mode=base.truncation_mode,
-                pad_to_multiple_of=base.pad_to_multiple_of,
-            )
         if self.args.anchor_columns:
             self.train_dataset = self._ensure_anchor_columns(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
@@ -294,15 +325,9 @@ class RSPOTrainer(SelfPlayTrainerBase):
 
     # -- validation, before any model work -------------------------------------------------------------------
     def _validate_datasets(self, args, train_dataset, eval_dataset) -> None:
+        # The base checks emptiness, the pair columns, None values and the win probabilities' type and range.
         super()._validate_datasets(args, train_dataset, eval_dataset)
-        datasets = {"train_dataset": train_dataset}
-        if isinstance(eval_dataset, dict):
-            datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
-        elif eval_dataset is not None:
-            datasets["eval_dataset"] = eval_dataset
-        for label, dataset in datasets.items():
-            if dataset is None:
-                continue
+        for label, dataset in _named_datasets(train_dataset, eval_dataset).items():
             names = _column_names(dataset)
             missing = [name for name in WIN_PROB_COLUMNS if name not in names]
             if missing:
@@ -311,14 +336,6 @@ class RSPOTrainer(SelfPlayTrainerBase):
                     "the estimated P(y > pi_t) of each response; build them from judge preferences with "
                     "`trl_selfplay.losses.win_probabilities`."
                 )
-            if isinstance(dataset, Dataset):
-                for name in WIN_PROB_COLUMNS:
-                    values = torch.as_tensor(dataset.with_format("numpy")[name], dtype=torch.float64)
-                    if values.numel() and (not torch.isfinite(values).all() or values.min() < 0 or values.max() > 1):
-                        raise ValueError(
-                            f"{label} column `{name}` must hold probabilities in [0, 1], got values in "
-                            f"[{values.min().item()}, {values.max().item()}]; rescale the judge's output to [0, 1]."
-                        )
             if args.needs_anchor_samples and not any(
                 name in names for name in (ANCHOR_SAMPLE_COLUMN, ANCHOR_SAMPLE_TOKEN_COLUMNS[0])
             ):
@@ -441,31 +458,35 @@ class RSPOTrainer(SelfPlayTrainerBase):
             values: dict[str, torch.Tensor] = {}
             with torch.no_grad(), self.accelerator.autocast():
                 if pairs:
-                    values["anchor_chosen_logps"], values["anchor_rejected_logps"] = self._sequence_logps(
-                        model, batch
-                    ).chunk(2, dim=0)
-                if samples:
-                    values[ANCHOR_SAMPLE_LOGPS_COLUMN] = self._sequence_logps(model, _anchor_sample_inputs(batch))
+                    # With the μ samples too: one packed row per prompt under prefix sharing.
+                    extra = {ANCHOR_SAMPLE_LOGPS_COLUMN: _anchor_sample_inputs(batch)} if samples else None
+                    outputs, values = self._response_logps(model, batch, extra=extra)
+                    seq_len = batch["completion_mask"].size(1) - 1
+                    values["anchor_chosen_logps"], values["anchor_rejected_logps"] = (
+                        outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+                    )
+                elif samples:
+                    values[ANCHOR_SAMPLE_LOGPS_COLUMN] = self._sequence_logps(
+                        model, _anchor_sample_inputs(batch), paired=False
+                    )
             for column, value in self.accelerator.gather_for_metrics(values).items():
                 results.setdefault(column, []).append(value.float().cpu())
         model.train(was_training)
         return {column: torch.cat(parts) for column, parts in results.items()}
 
     # -- loss ----------------------------------------------------------------------------------------------
-    def _compute_loss(self, model, inputs, return_outputs):
-        if self.args.needs_anchor_samples:
-            if "anchor_input_ids" not in inputs:
-                raise ValueError(
-                    "The batch lacks the μ samples (`anchor_input_ids`) the `forward_kl` regularizer needs: a custom "
-                    "`data_collator` must pad them (see `DataCollatorForRSPO`), and datasets passed to `evaluate()` "
-                    f"need the `{ANCHOR_SAMPLE_COLUMN}` column."
-                )
-            # One more policy forward, on prompt + μ sample, whose log-probs carry gradients into the loss.
-            inputs = {
-                **inputs,
-                _POLICY_ANCHOR_SAMPLE_LOGPS: self._sequence_logps(model, _anchor_sample_inputs(inputs)),
-            }
-        return super()._compute_loss(model, inputs, return_outputs)
+    def _extra_responses(self, inputs) -> dict[str, dict[str, torch.Tensor]]:
+        if not self.args.needs_anchor_samples:
+            return {}
+        if "anchor_input_ids" not in inputs:
+            raise ValueError(
+                "The batch lacks the μ samples (`anchor_input_ids`) the `forward_kl` regularizer needs: a custom "
+                "`data_collator` must pad them (see `DataCollatorForRSPO`), and datasets passed to `evaluate()` "
+                f"need the `{ANCHOR_SAMPLE_COLUMN}` column."
+            )
+        # The policy's log-prob of prompt + μ sample, with gradients into the loss: in the pair's packed row under
+        # prefix sharing, else one more forward.
+        return {_POLICY_ANCHOR_SAMPLE_LOGPS: _anchor_sample_inputs(inputs)}
 
     def selfplay_loss(self, batch: SelfPlayBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         args = self.args
@@ -508,10 +529,14 @@ class RSPOTrainer(SelfPlayTrainerBase):
             if kind == "forward_kl":
                 if not args.needs_anchor_samples:  # weight 0: nothing computed
                     continue
-                # On μ's samples (one per pair): mean of log μ(y) − log π_θ(y), an estimate of KL(μ ‖ π_θ).
-                value = rspo_regularizer(
-                    columns[_POLICY_ANCHOR_SAMPLE_LOGPS], columns[ANCHOR_SAMPLE_LOGPS_COLUMN].to(dtype), kind
-                ).mean()
+                # On μ's samples (one per pair): log μ(y) − log π_θ(y), an estimate of KL(μ ‖ π_θ), reduced per
+                # `forward_kl_reduction` over the scored tokens of the samples.
+                value = forward_kl_regularizer(
+                    columns[_POLICY_ANCHOR_SAMPLE_LOGPS],
+                    columns[ANCHOR_SAMPLE_LOGPS_COLUMN].to(dtype),
+                    columns["anchor_completion_mask"].sum(dim=1),
+                    reduction=args.forward_kl_reduction,
+                )
             elif anchor_chosen is None:  # only zero weights configured and no anchor columns needed
                 continue
             else:
