@@ -6,7 +6,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_selfplay.trainers import SPINConfig, SPINTrainer
-from trl_selfplay.trainers.base import install_selfplay_head
+from trl_selfplay.trainers.forward import install_selfplay_head
 
 
 def _mixed_padding_batch(tokenizer, vocab_size: int):

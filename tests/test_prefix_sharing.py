@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from trl_selfplay import RSPOConfig, RSPOTrainer, SPINConfig, SPINTrainer
-from trl_selfplay.trainers.base import install_selfplay_head
+from trl_selfplay.trainers.forward import install_selfplay_head
 from trl_selfplay.trainers.prefix_sharing import PrefixSharingUnavailable, pack_shared_prompt, split_pairs
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-LOGGER = "trl_selfplay.trainers.base"
+LOGGER = "trl_selfplay.trainers"  # the forward and the base log under it
 COMMON = dict(report_to="none", gradient_checkpointing=False, save_strategy="no", seed=0, logging_steps=1)
 # Prompts of different lengths in one batch; responses of different lengths.
 PROMPTS = [

@@ -26,14 +26,10 @@ from trl_selfplay.losses import (
     rspo_regularizer,
     sppo_loss,
 )
-from trl_selfplay.trainers.base import (
-    SelfPlayBatch,
-    SelfPlayConfig,
-    SelfPlayTrainerBase,
-    _named_datasets,
-    install_selfplay_head,
-)
+from trl_selfplay.trainers.base import SelfPlayBatch, SelfPlayConfig, SelfPlayTrainerBase, _named_datasets
+from trl_selfplay.trainers.forward import install_selfplay_head
 from trl_selfplay.trainers.truncation import DataCollatorForSelfPlay, truncate_prompt_and_responses
+from trl_selfplay.trainers.validation import column_names
 
 logger = get_logger(__name__)
 
@@ -275,13 +271,6 @@ def _tokenize_anchor_sample(example: dict[str, Any], processing_class, eos_token
     return {"anchor_completion_ids": full[prompt_length:], "anchor_prompt_length": prompt_length}
 
 
-def _column_names(dataset) -> list[str]:
-    names = getattr(dataset, "column_names", None)
-    if names is None:  # an IterableDataset without known features
-        names = list(next(iter(dataset)).keys())
-    return list(names)
-
-
 class RSPOTrainer(SelfPlayTrainerBase):
     """RSPO / SPPO trainer. Dataset columns: `prompt`, `chosen` (highest-judged of the K samples), `rejected`
     (lowest-judged), `chosen_win_prob` and `rejected_win_prob` (estimated P(y ≻ π_t) in [0, 1], see
@@ -328,7 +317,7 @@ class RSPOTrainer(SelfPlayTrainerBase):
         # The base checks emptiness, the pair columns, None values and the win probabilities' type and range.
         super()._validate_datasets(args, train_dataset, eval_dataset)
         for label, dataset in _named_datasets(train_dataset, eval_dataset).items():
-            names = _column_names(dataset)
+            names = column_names(dataset)
             missing = [name for name in WIN_PROB_COLUMNS if name not in names]
             if missing:
                 raise ValueError(
@@ -366,7 +355,7 @@ class RSPOTrainer(SelfPlayTrainerBase):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        names = _column_names(dataset)
+        names = column_names(dataset)
         if ANCHOR_SAMPLE_COLUMN not in names or ANCHOR_SAMPLE_TOKEN_COLUMNS[0] in names:
             return dataset
         map_kwargs: dict[str, Any] = {}
@@ -381,7 +370,7 @@ class RSPOTrainer(SelfPlayTrainerBase):
 
     # -- anchor precompute -------------------------------------------------------------------------------------
     def _ensure_anchor_columns(self, dataset, name: str):
-        missing = [] if dataset is None else [c for c in self.args.anchor_columns if c not in _column_names(dataset)]
+        missing = [] if dataset is None else [c for c in self.args.anchor_columns if c not in column_names(dataset)]
         if not missing:
             return dataset
         if isinstance(dataset, IterableDataset):
@@ -389,7 +378,7 @@ class RSPOTrainer(SelfPlayTrainerBase):
                 "Precomputing the anchor log-probs needs a map-style `Dataset`; pass one, or add the columns "
                 f"{missing} yourself."
             )
-        names = _column_names(dataset)
+        names = column_names(dataset)
         pairs = any(column in missing for column in ANCHOR_COLUMNS)
         if (
             pairs
