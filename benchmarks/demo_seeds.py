@@ -3,13 +3,16 @@
     python benchmarks/demo_seeds.py                  # seeds 0 1 2 -> benchmarks/results/demo.json
     python benchmarks/demo_seeds.py --seeds 0 --root /tmp/demo-seeds
     # seeds in parallel processes, then one table:
-    python benchmarks/demo_seeds.py --seeds 1 --threads 1 --output benchmarks/results/demo_seed1.json &  ...
+    python benchmarks/demo_seeds.py --seeds 1 --jobs 1 --output benchmarks/results/demo_seed1.json &  ...
     python benchmarks/demo_seeds.py --aggregate benchmarks/results/demo_seed*.json
 
-A seed changes everything random in the pipeline: the initial weights (the start model is built here, before the
-recipes run, so `model.build_fn` is not used), the warm start's data order, sampling and training. The task data and
-the held-out prompts are the same for every seed. Each seed runs all of `recipes/demo/*.yaml` through the real runner
-(`scripts/demo.py`), in its own output directory.
+A seed changes everything random in the pipeline: the warm start's initial weights and data order (so the step at
+which it reaches its validation target), which 3,200 training prompts each method sees, sampling and training. The
+task's held-out and validation sums are the same for every seed. Each seed runs `scripts/demo.py --seed s` (all of
+`recipes/demo/*.yaml` through the real runner) in `<root>/seed<s>/`, then the ablations: SPIN and IRIS without
+the NLL anchor (`--training.loss_type` without `sft`), which show which objectives lose the annotated likelihood.
+Recorded per method and iteration: held-out accuracy, and the trainer's last logged `logps/chosen` (the policy's
+log-probability of the annotated answer, or of RSPO's chosen sample) and `iris/alpha`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-SEED_KEYS = ("training.seed", "generation.seed", "data.seed")
+# Ablations: (name, recipe, overrides). Same recipe, same compute, the preference term alone.
+ABLATIONS = (
+    ("spin-no-nll", "10_spin.yaml", ["--training.loss_type=[sigmoid]", "--training.loss_weights=[1.0]"]),
+    ("iris-no-nll", "20_iris.yaml", ["--training.loss_type=[renyi]", "--training.loss_weights=[1.0]"]),
+)
+RECORDED = {"accuracy": "eval", "logps/chosen": "train", "iris/alpha": "train", "iris/gap": "train"}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -39,117 +47,144 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def _collect(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{metric: {iteration: value}} of one run's metrics.jsonl (iteration -1 = the start model)."""
+    from trl_selfplay.evaluation import read_metrics
+
+    out: dict[str, dict[int, float]] = {}
+    for line in read_metrics(run_dir):
+        for metric, section in RECORDED.items():
+            value = (line.get(section) or {}).get(metric)
+            if isinstance(value, int | float):
+                out.setdefault(metric, {})[int(line["iteration"])] = float(value)
+    return out
+
+
+def _run_seed(demo, seed: int, root: Path, jobs: int, ablations: bool, quick: bool) -> dict:
+    from trl_selfplay.cli import main as run_main
+
+    log_dir = root / "logs"
+    options = ["--seed", str(seed), "--output-root", str(root), "--log-dir", str(log_dir), "--jobs", str(jobs)]
+    if demo.main([*options, *(["--quick"] if quick else [])]):
+        raise SystemExit(f"seed {seed}: the demo failed; see {log_dir}")
+    runs = {
+        recipe.stem.split("_", 1)[1]: root / recipe.stem.split("_", 1)[1]
+        for recipe in sorted((REPO / "recipes" / "demo").glob("*.yaml"))
+    }
+    if ablations:
+        seeds = [f"--{key}={seed}" for key in demo.SEED_KEYS]
+        console = demo._Console(quiet=True)
+        for name, recipe, overrides in ABLATIONS:
+            path = REPO / "recipes" / "demo" / recipe
+            moved = demo._recipe_overrides(path, str(root), quick=quick)
+            with console.redirect(log_dir / f"{name}.log"):
+                code = run_main([str(path), *moved, f"--output_dir={root / name}", *seeds, *overrides])
+            if code:
+                raise SystemExit(f"seed {seed}: ablation {name} failed; see {log_dir / name}.log")
+            runs[name] = root / name
+    with open(root / "warm-start" / "warm_start.json") as f:
+        warm = json.load(f)
+    return {
+        "runs": {name: _collect(path) for name, path in runs.items()},
+        "warm_start": {k: warm[k] for k in ("steps", "validation_accuracy", "target_accuracy")},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", default="runs/demo-seeds", help="output root; seed s goes to <root>/seed<s>")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "demo.json"))
-    parser.add_argument("--metric", default="accuracy")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    parser.add_argument("--jobs", type=int, default=2, help="processes per seed for the demo recipes (default 2)")
+    parser.add_argument("--no-ablations", action="store_true", help="skip SPIN / IRIS without the NLL anchor")
+    parser.add_argument("--quick", action="store_true", help="smoke test: the demo's --quick settings")
     parser.add_argument("--aggregate", nargs="*", default=None, help="only merge these result files (no runs)")
-    parser.add_argument(
-        "--collect-only", action="store_true", help="no runs: summarise the metrics already in <root>/seed<s>/"
-    )
     args = parser.parse_args(argv)
     if args.aggregate:
         per_seed, timings = {}, {}
         for path in args.aggregate:
             with open(path) as f:
                 part = json.load(f)
-            per_seed.update(
-                {
-                    int(s): {m: {int(t): v for t, v in it.items()} for m, it in r.items()}
-                    for s, r in part["per_seed"].items()
-                }
-            )
+            per_seed.update({int(s): _int_keys(r) for s, r in part["per_seed"].items()})
             timings.update({int(s): t for s, t in part["wall_time_seconds"].items()})
-        return _report(per_seed, timings, args)
+        return _report(per_seed, timings, args.output)
 
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    from trl_selfplay.evaluation import read_metrics
-    from trl_selfplay.tasks.arithmetic import make_arithmetic_model
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    recipes = sorted((REPO / "recipes" / "demo").glob("*.yaml"))
-    per_seed: dict[int, dict[str, dict[int, float]]] = {}
-    timings = {}
+    demo = _demo_module()
+    per_seed: dict[int, dict] = {}
+    timings: dict[int, float] = {}
     for seed in args.seeds:
         root = Path(args.root) if Path(args.root).is_absolute() else REPO / args.root
-        root = root / f"seed{seed}"
-        init = root / "init-model"
-        if args.collect_only:
-            per_seed[seed] = {}
-            for recipe in recipes:
-                method = recipe.stem.split("_", 1)[1]
-                if (root / method / "metrics.jsonl").exists():
-                    lines = read_metrics(root / method)
-                    per_seed[seed][method] = {line["iteration"]: line["eval"][args.metric] for line in lines}
-            continue
-        if not init.exists():
-            make_arithmetic_model(init, seed=seed)
-        overrides = [f"--{key}={seed}" for key in SEED_KEYS]
         t0 = time.perf_counter()
-        for recipe in recipes:
-            extra = list(overrides)
-            if recipe.name.startswith("00_"):
-                extra.append(f"--sft.training.seed={seed}")
-            code = demo.main(["--output-root", str(root), "--recipes", str(recipe), *extra])
-            if code:
-                return code
+        per_seed[seed] = _run_seed(demo, seed, root / f"seed{seed}", args.jobs, not args.no_ablations, args.quick)
         timings[seed] = time.perf_counter() - t0
-        per_seed[seed] = {}
-        for recipe in recipes:
-            method = recipe.stem.split("_", 1)[1]
-            lines = read_metrics(root / method)
-            per_seed[seed][method] = {line["iteration"]: line["eval"][args.metric] for line in lines}
-    return _report(per_seed, timings, args)
+    return _report(per_seed, timings, args.output)
 
 
-def _report(per_seed: dict[int, dict[str, dict[int, float]]], timings: dict[int, float], args) -> int:
-    methods = list(dict.fromkeys(m for runs in per_seed.values() for m in runs))
-    table: dict[str, dict[str, dict[str, float]]] = {}
+def _int_keys(record: dict) -> dict:
+    """JSON turns the iteration keys into strings; turn them back."""
+    runs = {
+        m: {k: {int(t): v for t, v in it.items()} for k, it in metrics.items()}
+        for m, metrics in record["runs"].items()
+    }
+    return {**record, "runs": runs}
+
+
+def _report(per_seed: dict[int, dict], timings: dict[int, float], output: str) -> int:
+    methods = list(dict.fromkeys(m for record in per_seed.values() for m in record["runs"]))
+    table: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for method in methods:
-        seeds = [s for s in per_seed if method in per_seed[s]]
-        iterations = sorted({t for s in seeds for t in per_seed[s][method]})
-        # Partial runs (--collect-only while running): an iteration is summarised over the seeds that reached it.
-        table[method] = {
-            ("start" if t == -1 else str(t)): _summary(
-                [per_seed[s][method][t] for s in seeds if t in per_seed[s][method]]
-            )
-            for t in iterations
-        }
+        table[method] = {}
+        for metric in RECORDED:
+            values = [r["runs"][method].get(metric, {}) for r in per_seed.values() if method in r["runs"]]
+            iterations = sorted({t for v in values for t in v})
+            if iterations:
+                table[method][metric] = {
+                    ("start" if t == -1 else str(t)): _summary([v[t] for v in values if t in v]) for t in iterations
+                }
+    starts = {s: r["runs"]["rspo"]["accuracy"][-1] for s, r in per_seed.items() if "rspo" in r["runs"]}
     result = {
-        "metric": args.metric,
+        "metric": "accuracy",
         "seeds": sorted(per_seed),
         "per_seed": {str(s): v for s, v in per_seed.items()},
         "summary": table,
         "wall_time_seconds": timings,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as f:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w") as f:
         json.dump(result, f, indent=2)
 
-    iterations = sorted({t for m in table.values() for t in m}, key=lambda t: -1 if t == "start" else int(t))
-    print(f"\n{args.metric} on held-out prompts, mean ± std over seeds {sorted(per_seed)} [min, max]:")
-    print("method  " + "  ".join(f"{t:>28}" for t in iterations))
-    for method, row in table.items():
-        cells = []
-        for t in iterations:
-            s = row.get(t)
-            cells.append(
-                f"{s['mean']:.3f}±{s['std']:.3f} [{s['min']:.2f},{s['max']:.2f}]"
-                if s and not math.isnan(s["mean"])
-                else "-"
-            )
-        print(f"{method:<7} " + "  ".join(f"{c:>28}" for c in cells))
-    print(f"\nwrote {args.output}; wall time per seed: " + ", ".join(f"{s}: {t:.0f}s" for s, t in timings.items()))
+    def cell(s: dict[str, float] | None) -> str:
+        if not s or math.isnan(s["mean"]):
+            return "-"
+        return f"{s['mean']:.3f}±{s['std']:.3f} [{s['min']:.2f},{s['max']:.2f}]"
+
+    for metric in ("accuracy", "logps/chosen"):
+        rows = {m: t[metric] for m, t in table.items() if metric in t}
+        iterations = sorted({i for r in rows.values() for i in r}, key=lambda t: -1 if t == "start" else int(t))
+        print(f"\n{metric}, mean ± std over seeds {sorted(per_seed)} [min, max]:")
+        print(f"{'method':<12} " + "  ".join(f"{t:>28}" for t in iterations))
+        for method, row in rows.items():
+            print(f"{method:<12} " + "  ".join(f"{cell(row.get(t)):>28}" for t in iterations))
+    for seed, record in sorted(per_seed.items()):
+        warm = record["warm_start"]
+        line = f"seed {seed}: warm start {warm['steps']} steps (validation {warm['validation_accuracy']:.3f})"
+        if seed in starts:
+            last = record["runs"]["rspo"]["accuracy"]
+            line += f"; RSPO {starts[seed]:.3f} -> {last[max(last)]:.3f}"
+        if "iris" in record["runs"]:
+            alphas = record["runs"]["iris"].get("iris/alpha", {})
+            line += "; IRIS alpha " + " ".join(f"{alphas[t]:.2f}" for t in sorted(alphas))
+        print(line)
+    print(f"\nwrote {output}; wall time per seed: " + ", ".join(f"{s}: {t:.0f}s" for s, t in timings.items()))
     return 0
 
 
