@@ -1,6 +1,6 @@
 """`make demo`: self-play on CPU, offline, in a few minutes — 2-digit addition learned by a tiny model from scratch.
 
-Builds the warm start every recipe starts from (`model.build_fn` of the recipes: a ~0.8M-parameter Qwen2 with a
+Builds the warm start every recipe starts from (`model.build_fn` of the recipes: a ~0.72M-parameter Qwen2 with a
 character tokenizer, trained with SFT from scratch until it gets 40% of the validation sums right), then runs the
 recipes of `recipes/demo/` through the real runner (`trl_selfplay.cli.main`, the same code as `scripts/run.py`):
 

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPES = sorted((REPO / "recipes" / "demo").glob("*.yaml"))
 METHODS = ("sft", "spin", "iris", "rspo")
@@ -54,7 +52,6 @@ def _table_rows(out: str) -> dict[tuple[str, str], dict[str, str]]:
     return rows
 
 
-@pytest.mark.slow  # about 30 s alone, over a minute on a busy 2-core machine
 def test_quick_demo_is_quiet_and_its_table_matches_the_metrics(tmp_path):
     root = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "PYTHONWARNINGS")}

@@ -7,6 +7,7 @@ import pytest
 from trl_selfplay.tasks import TASKS, get_task
 from trl_selfplay.tasks.arithmetic import (
     ArithmeticTask,
+    addition_correct,
     addition_dataset,
     addition_reward,
     addition_score,
@@ -39,6 +40,8 @@ def test_judge_prefers_correct_then_closer():
     # every wrong answer scores at most 0.5, below any correct answer
     assert near == pytest.approx(0.5 / (1 + math.log10(2)))
     assert addition_reward([prompt, "1+1="], ["579", "3"]) == [1.0, pytest.approx(0.5 / (1 + math.log10(2)))]
+    # The verifier gives no credit for being close.
+    assert [addition_correct(prompt, c) for c in ("579", " 579 ", "578", "0579", "abc")] == [1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_judge_through_reward_function_judge():
