@@ -97,6 +97,7 @@ class Iteration:
     num_current_rows: int = 0
     num_tied_pairs: int = 0
     eval_metrics: dict[str, Any] | None = None
+    config: Any = None  # the method's TRL config of this iteration (`stages.training_config`)
 
     def __post_init__(self) -> None:
         self.recipe: Recipe = self.run.recipe.for_iteration(self.t)

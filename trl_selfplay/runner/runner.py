@@ -83,7 +83,7 @@ class SelfPlayRunner:
         it.examples = iteration_examples(self.run_ctx.dataset(it.recipe), it.recipe, it.t)
         if it.spec.generates:
             stages.generate(it)
-            stages.anchor_samples(it, stages.training_config(it, it.dir / "trainer"))
+            stages.anchor_samples(it, stages.training_config(it))
             if it.spec.needs_judge:
                 stages.judge(it)
         stages.pairs(it)

@@ -179,15 +179,19 @@ def pairs(it: Iteration) -> None:
 # -------------------------------------------------------------------------------------------------------- train
 
 
-def training_config(it: Iteration, output_dir: Path):
-    """The method's TRL config of this iteration, with the defaults known only at run time."""
-    r = it.recipe
-    defaults = {"model_init_kwargs": it.model_kwargs(it.policy)}
-    if it.spec.trainer_defaults is not None and not set(it.spec.trainer_defaults(it)) & set(r.training):
-        defaults.update(it.spec.trainer_defaults(it))
-    return build_training_config(
-        r.method, resolve_batch(r, r.training, num_processes()), str(output_dir), defaults=defaults
-    )
+def training_config(it: Iteration):
+    """The method's TRL config of this iteration (in `<iter>/trainer`), with the defaults known only at run time;
+    built once per iteration (the anchor-sample stage and training both read it)."""
+    if it.config is None:
+        r = it.recipe
+        defaults = {"model_init_kwargs": it.model_kwargs(it.policy)}
+        method_defaults = it.spec.trainer_defaults(it) if it.spec.trainer_defaults is not None else {}
+        if not set(method_defaults) & set(r.training):
+            defaults.update(method_defaults)
+        it.config = build_training_config(
+            r.method, resolve_batch(r, r.training, num_processes()), str(it.dir / "trainer"), defaults=defaults
+        )
+    return it.config
 
 
 def reference(it: Iteration, trainer) -> dict[str, Any] | None:
@@ -241,7 +245,7 @@ def train(it: Iteration) -> None:
     if stage.done():
         it.log("training done, skipping")
         return
-    config = training_config(it, it.dir / "trainer")
+    config = training_config(it)
     it.log(f"training {it.recipe.method} on {len(it.rows)} pairs from {it.policy}")
     train_and_save(
         it.run, it.spec.trainer_class(), it.policy, config, it.rows, it.dir / "model", stage,
