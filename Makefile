@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast lint demo bench bench-trainers bench-judge bench-generation test-vllm clean
+.PHONY: install test test-fast lint demo bench bench-trainers bench-prefix-sharing bench-judge bench-generation test-vllm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,16 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 # Benchmarks write their tables to stdout and to benchmarks/results/*.json; RESULTS.md records them.
-bench: bench-trainers bench-judge bench-generation
+bench: bench-trainers bench-prefix-sharing bench-judge bench-generation
 
 bench-trainers: $(STAMP)
 	$(PY) benchmarks/bench_step.py
+
+# Issue 15: prefix sharing off vs on, paired step by step in one process (bench_step.py --prefix-sharing: one
+# process per config).
+bench-prefix-sharing: $(STAMP)
+	$(PY) benchmarks/bench_step.py --prefix-sharing --runs 3 --threads 1
+	$(PY) benchmarks/bench_prefix_sharing.py
 
 bench-judge: $(STAMP)
 	$(PY) benchmarks/bench_judge.py

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,3 +137,34 @@ def preference_dataset(workload: Workload, seed: int = 0, win_probs: bool = Fals
     if anchor_samples:
         columns["anchor_completion"] = columns["chosen"][1:] + columns["chosen"][:1]
     return Dataset.from_dict(columns)
+
+
+def run_meta(script: str, argv: list[str] | None, **fields) -> dict:
+    """The header of a benchmark's result file: its command line, `fields`, the start time and the load average."""
+    command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return {
+        "command": command.strip(),
+        **fields,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def training_args(workload: Workload, name: str, steps: int, seed: int = 0) -> dict:
+    """The trainer-config keyword arguments every training benchmark shares (a fresh output directory each)."""
+    import tempfile
+
+    return dict(
+        output_dir=tempfile.mkdtemp(prefix=f"bench_{name}_"),
+        per_device_train_batch_size=workload.batch_size,
+        max_steps=steps,
+        learning_rate=workload.learning_rate,
+        optim="rmsprop",
+        beta=workload.beta,
+        gradient_checkpointing=False,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+    )

@@ -40,7 +40,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _workloads import EOS, WORKLOADS, Workload, build_model_dir, preference_dataset, random_token_ids  # noqa: E402
+from _workloads import (  # noqa: E402
+    EOS,
+    WORKLOADS,
+    Workload,
+    build_model_dir,
+    preference_dataset,
+    random_token_ids,
+    run_meta,
+    training_args,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -202,20 +211,8 @@ def _run_trainer(
     rspo = config.startswith("rspo")
     dataset = preference_dataset(workload, seed, win_probs=rspo, anchor_samples=config == "rspo_fkl")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    output_dir = tempfile.mkdtemp(prefix=f"bench_step_{config}_")
     common = dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=workload.batch_size,
-        max_steps=steps,
-        learning_rate=workload.learning_rate,
-        optim="rmsprop",
-        beta=workload.beta,
-        gradient_checkpointing=False,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=seed,
+        **training_args(workload, f"step_{config}", steps, seed),
         precompute_ref_log_probs=config not in ("dpo_ref", "spin_ref"),
     )
     if config in ("dpo_ref", "dpo_precompute"):
@@ -576,22 +573,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS_DIR / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     model_root = Path(args.model_root) if args.model_root else Path(tempfile.mkdtemp(prefix="bench_step_models_"))
-    command = "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    meta = {
-        "command": command.strip(),
-        "runs": args.runs,
-        "steps": args.steps,
-        "median_from": args.median_from,
-        "threads": args.threads,
-        "seed": args.seed,
-        "configs": args.configs,
-        "rss_clean": not args.quick,
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+    meta = run_meta(
+        "bench_step.py",
+        argv,
+        runs=args.runs,
+        steps=args.steps,
+        median_from=args.median_from,
+        threads=args.threads,
+        seed=args.seed,
+        configs=args.configs,
+        rss_clean=not args.quick,
+    )
+    meta.update(
+        cpu_count=os.cpu_count(),
+        python=platform.python_version(),
+    )
     try:
         import torch
         import transformers

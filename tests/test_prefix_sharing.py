@@ -2,6 +2,7 @@
 the log-probs and gradients of the unshared forward (float32, 1e-5), and every DPOConfig option that changes the
 forward either works the same or is refused."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -12,7 +13,13 @@ from trl import DPOConfig, DPOTrainer
 
 from trl_selfplay import RSPOConfig, RSPOTrainer, SPINConfig, SPINTrainer
 from trl_selfplay.trainers.forward import install_selfplay_head
-from trl_selfplay.trainers.prefix_sharing import PrefixSharingUnavailable, pack_shared_prompt, split_pairs
+from trl_selfplay.trainers.prefix_sharing import (
+    SEGMENT_ATTENTION,
+    PrefixSharingUnavailable,
+    pack_shared_prompt,
+    segment_attention,
+    split_pairs,
+)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 LOGGER = "trl_selfplay.trainers"  # the forward and the base log under it
@@ -45,6 +52,9 @@ def test_packed_layout_hand_worked():
     assert packed.labels.tolist() == [[-100, -100, -100, 8, 9, -100, 4], [-100, 2, -100, 1, 1, -100, -100]]
     assert packed.segment_ids.tolist() == [[0, 0, 1, 1, 1, 2, 2], [1, 1, 2, 2, 2, -1, -1]]
     assert packed.unshared_positions == 4 * 5 and packed.packed_positions == 2 * 7
+    # Segment attention's layout: (prompt without its last token, end of [prompt][chosen], [p'][rejected] blocks,
+    # row length). Row 0: prefix [5 6], causal [5 6 7 8 9], block [7' 4]; row 1: no prefix, [3 2], block [3' 1 1].
+    assert packed.segments == ((2, 5, ((5, 7),), 7), (0, 2, ((2, 5),), 5))
     expected_row0 = torch.tensor(
         [
             [1, 0, 0, 0, 0, 0, 0],
@@ -133,9 +143,14 @@ def _logps_and_grads(model, impl, forward_kwargs, unpack, weights):
         ("eager", "right", "fused", False),
         ("sdpa", "left", "direct", True),
         ("sdpa", "right", "fused", True),
+        (SEGMENT_ATTENTION, "left", "direct", False),
+        (SEGMENT_ATTENTION, "right", "fused", False),
+        (SEGMENT_ATTENTION, "right", "direct", True),
     ],
 )
 def test_packed_forward_matches_unshared(tiny_model_path, attn, padding_side, impl, use_peft):
+    """The 4D mask (sdpa, eager) and segment attention (the row layout as `selfplay_segments`) give the unshared
+    log-probs and gradients."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation=attn)
     install_selfplay_head(model)
     if use_peft:
@@ -163,6 +178,8 @@ def test_packed_forward_matches_unshared(tiny_model_path, attn, padding_side, im
         "position_ids": packed.position_ids,
         "labels": packed.labels,
     }
+    if attn == SEGMENT_ATTENTION:  # no mask at all: the layout alone keeps the responses apart
+        packed_kwargs.update(attention_mask=torch.ones_like(packed.input_ids), selfplay_segments=packed.segments)
     shared, shared_grads = _logps_and_grads(
         model, impl, packed_kwargs, lambda x: torch.cat([packed.unpack(x, 0), packed.unpack(x, 1)]), weights
     )
@@ -175,6 +192,53 @@ def test_packed_forward_matches_unshared(tiny_model_path, attn, padding_side, im
         assert all("lora_" in name for name in shared_grads)
     for name, grad in shared_grads.items():
         torch.testing.assert_close(grad, unshared_grads[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
+def test_segment_attention_equals_the_block_mask(kv_heads):
+    """`segment_attention` on three responses per prompt, mixed padding and `pad_to_multiple_of`, against sdpa with
+    the packed 4D block mask (the hand-checked mask above): same outputs at every real position, zero at padding,
+    same gradients."""
+    generator = torch.Generator().manual_seed(0)
+    rows = _pair_batch("left", 50)
+    extra = {key: value[:3].clone() for key, value in rows.items()}  # a third response: the chosen rows again
+    packed = pack_shared_prompt([*split_pairs(rows), extra], pad_to_multiple_of=8)
+    assert [len(blocks) for _, _, blocks, _ in packed.segments] == [2, 2, 2]
+    num_rows, length = packed.input_ids.shape
+    heads, dim = 4, 8
+    query = torch.randn(num_rows, heads, length, dim, generator=generator, requires_grad=True)
+    key, value = (torch.randn(num_rows, kv_heads, length, dim, generator=generator, requires_grad=True) for _ in "kv")
+    weights = torch.randn(num_rows, length, heads, dim, generator=generator)
+    real = (packed.segment_ids >= 0)[:, :, None, None]
+
+    got, _ = segment_attention(torch.nn.Module(), query, key, value, None, selfplay_segments=packed.segments)
+    got_grads = torch.autograd.grad((got * weights * real).sum(), (query, key, value))
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1), attn_mask=packed.attention_mask()
+    ).transpose(1, 2)
+    expected_grads = torch.autograd.grad((expected * weights * real).sum(), (query, key, value))
+
+    assert got.shape == (num_rows, length, heads, dim)
+    torch.testing.assert_close(got * real, expected * real, **TOL)
+    assert (got.masked_select(~real) == 0).all() and (~real).any()
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad, **TOL)
+
+
+def test_segment_attention_is_sdpa_without_segments(tiny_model_path):
+    """Every call that does not carry the layout (generation, the unshared forward) is transformers' sdpa, with its
+    mask; the switch is not saved with the model."""
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation="sdpa")
+    segments = AutoModelForCausalLM.from_pretrained(
+        tiny_model_path, dtype=torch.float32, attn_implementation=SEGMENT_ATTENTION
+    )
+    rows = _pair_batch("left", sdpa.config.vocab_size)
+    inputs = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]}
+    torch.testing.assert_close(segments(**inputs).logits, sdpa(**inputs).logits, atol=0, rtol=0)
+    generated = [m.generate(**inputs, max_new_tokens=4, do_sample=False) for m in (sdpa, segments)]
+    assert torch.equal(*generated)
+    assert segments.config.to_dict().get("_attn_implementation_internal") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,6 +340,9 @@ def test_spin_step_identical_with_and_without_prefix_sharing(tiny_model_path, tm
     assert unshared_rows and all(shape[0] == 8 for shape in unshared_rows)
     assert len(shared_rows) == (2 if variant == "peft_resident_reference" else 1)
     assert caplog.text.count("prefix_sharing='on' packs each pair into one row") == 1
+    # sdpa models are switched to segment attention (no 4D mask); eager ones take the mask.
+    expected_attention = "eager" if variant == "eager" else SEGMENT_ATTENTION
+    assert shared.model.config._attn_implementation == expected_attention
     if variant == "pad_to_multiple_of":
         assert all(shape[1] % 8 == 0 for shape in shared_rows + unshared_rows)
     if variant == "max_length_keep_start":
@@ -409,21 +476,49 @@ def test_attention_without_4d_masks_falls_back(tiny_model_path, tmp_path, caplog
     assert "attn_implementation='selfplay_test_attention' does not take a 4D attention mask" in caplog.text
 
 
+def test_layers_that_drop_the_segments_fall_back_to_the_mask(tiny_model_path, tmp_path, caplog, monkeypatch):
+    """A model whose layers do not pass `selfplay_segments` on to the attention gets plain causal attention over the
+    packed row: the one-time check catches it, and the packed rows take the 4D mask instead."""
+    from transformers import AttentionInterface
+
+    def drops_segments(*args, selfplay_segments=None, **kwargs):
+        return segment_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, SEGMENT_ATTENTION, drops_segments)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    shared, shared_grads = _spin(tiny_model_path, tmp_path / "on", prefix_sharing="on")
+    unshared, unshared_grads = _spin(tiny_model_path, tmp_path / "off", prefix_sharing="off")
+    rows = _record_rows(shared)
+    shared.train()
+    unshared.train()
+    assert "Segment attention is unavailable, the packed rows take a 4D mask" in caplog.text
+    assert shared.model.config._attn_implementation == "sdpa"
+    assert [shape[0] for shape in rows] == [4]
+    _assert_same_run(shared, unshared, shared_grads, unshared_grads)
+
+
 def test_model_that_ignores_the_mask_is_caught_by_the_check(tiny_model_path, tmp_path, caplog, monkeypatch):
-    """An 'sdpa' attention that ignores the given mask (plain causal attention) passes the static checks; the
-    one-time check on a synthetic batch catches it and the trainer falls back instead of training on wrong values."""
+    """An 'sdpa' attention that ignores the given mask (plain causal attention), in a model whose layers also drop
+    the segments, passes the static checks; the one-time check catches both and the trainer falls back to the
+    unshared forward instead of training on wrong values."""
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def causal_only(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
+    def drops_segments(*args, selfplay_segments=None, **kwargs):
+        return causal_only(*args, **kwargs)
+
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", causal_only)
+    monkeypatch.setitem(AttentionInterface._global_mapping, SEGMENT_ATTENTION, drops_segments)
     caplog.set_level(logging.INFO, logger=LOGGER)
     trainer, _ = _spin(tiny_model_path, tmp_path, prefix_sharing="on")
     rows = _record_rows(trainer)
     trainer.train()
     assert [shape[0] for shape in rows] == [8]
+    assert "Segment attention is unavailable" in caplog.text
     assert "the packed forward differs from the unshared one" in caplog.text
 
 
@@ -438,6 +533,19 @@ def test_config_checks():
     with pytest.raises(ValueError, match="padding_free=True` is not supported.*prefix_sharing"):
         RSPOConfig("out", padding_free=True)
     assert SPINConfig("out").prefix_sharing == "auto"
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("label_smoothing", 0.1), ("discopop_tau", 0.1), ("f_alpha_divergence_coef", 0.9), ("ld_alpha", 0.5)],
+)
+def test_dpo_loss_options_are_refused_not_ignored(name, value):
+    """Options of TRL's DPO losses, which the self-play losses do not read, are refused at construction."""
+    for config_cls in (SPINConfig, RSPOConfig):
+        with pytest.raises(ValueError, match=f"`{name}` is a DPO-specific option .* leave it at its default"):
+            config_cls("out", **{name: value})
+    default = next(field.default for field in dataclasses.fields(DPOConfig) if field.name == name)
+    assert getattr(SPINConfig("out", **{name: default}), name) == default  # TRL's default is accepted
 
 
 def test_use_liger_kernel_behaves_as_in_dpo_trainer(tiny_model_path, tmp_path):

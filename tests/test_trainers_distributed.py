@@ -174,6 +174,7 @@ def test_prefix_sharing_under_deepspeed_zero3_two_processes(perturbed_model_path
     assert result["zero_stage"] == 3 and result["world_size"] == 2
     # One policy forward in the step: 2 rows per process, each holding a prompt and its 3 responses.
     assert len(result["shapes"]) == 1 and result["shapes"][0][0] == 2
+    assert result["attn_implementation"] == "trl_selfplay_sdpa"  # the rows attended block by block, no 4D mask
     single = _load_script().rspo_one_update(
         perturbed_model_path,
         tiny_model_path,

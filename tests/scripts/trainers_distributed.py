@@ -247,6 +247,7 @@ def rspo_one_update(policy_path: str, anchor_path: str, out_dir: str, prefix_sha
         "reg_forward_kl": [e["rspo/reg_forward_kl"] for e in logs],
         "columns": {c: trainer.train_dataset[c] for c in (*columns, "anchor_completion_logps")},
         "shapes": shapes,
+        "attn_implementation": trainer.model.config._attn_implementation,
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "world_size": trainer.accelerator.num_processes,
     }

@@ -43,6 +43,16 @@ METRIC_OUTPUT_MODES = ("logging_steps", "always", "never")
 # Batch keys the causal LM forward accepts; everything else in a collated batch is a column for the loss.
 # Config attributes that rescale the logits; TRL's fused head applies them, the direct path does not.
 
+# DPOConfig fields that tune TRL's own losses, with their defaults: a self-play trainer refuses any other value.
+_DPO_LOSS_OPTIONS = (
+    ("ld_alpha", None),
+    ("use_weighting", False),
+    ("f_divergence_type", "reverse_kl"),
+    ("f_alpha_divergence_coef", 0.5),
+    ("label_smoothing", 0.0),
+    ("discopop_tau", 0.05),
+)
+
 
 def _has_bf16_accelerator() -> bool:
     if torch.cuda.is_available():
@@ -80,7 +90,9 @@ class SelfPlayConfig(DPOConfig):
       which fails on CPU-only machines).
     - `ddp_backend` left unset defaults to `"gloo"` for a multi-process DeepSpeed launch on a CPU-only host, so
       accelerate counts all the processes (without it, it sizes DeepSpeed's batch for one process).
-    - `ld_alpha`, `use_weighting` and a non-default `f_divergence_type` are DPO-specific and rejected.
+    - `ld_alpha`, `use_weighting`, `f_divergence_type`, `f_alpha_divergence_coef`, `label_smoothing` and
+      `discopop_tau` tune TRL's DPO losses, which these trainers do not compute: a non-default value is rejected
+      rather than ignored.
 
     Parameters:
         logprob_impl (`str`, *optional*, defaults to `"auto"`):
@@ -112,13 +124,14 @@ class SelfPlayConfig(DPOConfig):
             packed rows hold at most `prefix_sharing_auto_max_ratio` of the unshared token positions (the prompt is
             long relative to the responses); `"off"`: never. The model must use `attn_implementation="sdpa"` or
             `"eager"` with full causal attention in every layer; otherwise, and for batches whose prompts differ
-            between chosen and rejected (e.g. `truncation_mode="keep_end"`), the unshared forward runs. Every choice
-            is logged once.
+            between chosen and rejected (e.g. `truncation_mode="keep_end"`), the unshared forward runs. An `sdpa`
+            model is switched to `"trl_selfplay_sdpa"` (sdpa for every other call; the packed rows attended block by
+            block, no L×L mask); an `eager` one gets the 4D block mask. Every choice is logged once.
         prefix_sharing_auto_max_ratio (`float`, *optional*, defaults to `0.8`):
             With `prefix_sharing="auto"`, the largest ratio of packed to unshared token positions (padding included)
-            at which a batch is packed. The masked attention covers each packed row's whole length, so a small
-            saving does not pay: in `benchmarks/RESULTS.md` a step at ratio 0.88 was slower packed, one at 0.60 took
-            0.78× the unshared time.
+            at which a batch is packed. The LM head, the log-softmax and the optimizer cost the same either way, so a
+            small saving of positions does not pay: in `benchmarks/RESULTS.md` (§5) a packed step took 0.98× the
+            unshared one at ratio 0.88, and 0.71× at ratio 0.60.
     """
 
     # Method loss names accepted in `loss_type` besides "sft"; set by each subclass.
@@ -160,7 +173,8 @@ class SelfPlayConfig(DPOConfig):
         metadata={
             "help": "Forward the prompt once per pair ([prompt][chosen][rejected] with a block mask): 'on' (every "
             "batch that can be packed exactly), 'auto' (batches where it saves token positions, see "
-            "prefix_sharing_auto_max_ratio) or 'off'. Needs attn_implementation 'sdpa' or 'eager'.",
+            "prefix_sharing_auto_max_ratio) or 'off'. Needs attn_implementation 'sdpa' (switched to "
+            "'trl_selfplay_sdpa': attention per block) or 'eager' (a 4D mask).",
             "choices": list(PREFIX_SHARING_MODES),
         },
     )
@@ -242,7 +256,7 @@ class SelfPlayConfig(DPOConfig):
                     f"({self.max_length}), got {self.max_prompt_length!r} (the originals used 512 with max_length "
                     "1024); responses are cut to max_length - max_prompt_length when needed."
                 )
-        for name, default in (("ld_alpha", None), ("use_weighting", False), ("f_divergence_type", "reverse_kl")):
+        for name, default in _DPO_LOSS_OPTIONS:
             if getattr(self, name) != default:
                 raise ValueError(
                     f"`{name}` is a DPO-specific option that {type(self).__name__} does not support; leave it at "

@@ -27,11 +27,14 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, use_adapter
 
 from trl_selfplay.trainers.prefix_sharing import (
+    SEGMENT_ATTENTION,
     PackedPrompts,
     PrefixSharingUnavailable,
     mask_support_reason,
     pack_shared_prompt,
     split_pairs,
+    use_mask_attention,
+    use_segment_attention,
 )
 
 logger = get_logger(__name__)
@@ -358,7 +361,15 @@ class PrefixSharingMixin:
             if reason is None and is_peft_model(peft_model) and peft_model.active_peft_config.is_prompt_learning:
                 reason = "a prompt-learning PEFT adapter prepends virtual tokens to every row"
             if reason is None:
+                segments = use_segment_attention(unwrapped)
                 reason = self._check_packed_forward(model)
+                if reason is not None and segments:  # e.g. the model's layers do not pass `selfplay_segments` on
+                    use_mask_attention(unwrapped)
+                    self._log_prefix_sharing(
+                        "segments-unavailable",
+                        f"Segment attention is unavailable, the packed rows take a 4D mask: {reason}.",
+                    )
+                    reason = self._check_packed_forward(model)
             self._prefix_sharing_support[unwrapped] = reason
         return self._prefix_sharing_support[unwrapped]
 
@@ -408,13 +419,20 @@ class PrefixSharingMixin:
 
     def _packed_forward(self, model, packed: PackedPrompts, with_metrics: bool) -> FusedCausalLMOutput:
         """One forward of the packed rows; per-token outputs in the packed layout `[N, L-1]`."""
-        # An additive mask in the dtype of the attention scores, built once: given a boolean mask, sdpa converts it in
-        # every layer (and keeps each copy for the backward); eager adds it to the scores.
-        attention_mask = packed.attention_mask(_compute_dtype(model, packed.input_ids.device))
+        if _unwrap(model).config._attn_implementation == SEGMENT_ATTENTION:
+            # The layout goes to the attention function; a mask of ones lets transformers skip building a 4D one.
+            mask_kwargs = {
+                "attention_mask": torch.ones_like(packed.input_ids),
+                "selfplay_segments": packed.segments,
+            }
+        else:
+            # An additive mask in the dtype of the attention scores, built once: given a boolean mask, sdpa converts it
+            # in every layer (and keeps each copy for the backward); eager adds it to the scores.
+            mask_kwargs = {"attention_mask": packed.attention_mask(_compute_dtype(model, packed.input_ids.device))}
         impl = self._resolve_logprob_impl(model, packed.labels[:, 1:] != -100)
         return model(
             input_ids=packed.input_ids,
-            attention_mask=attention_mask,
+            **mask_kwargs,
             position_ids=packed.position_ids,
             labels=packed.labels,
             use_cache=False,

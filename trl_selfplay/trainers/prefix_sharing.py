@@ -15,24 +15,46 @@ too, and both log-prob paths (the direct path and TRL's fused head) score the pa
 with a block mask is the method of Wang & Hegde, "Accelerating Direct Preference Optimization with Prefix Sharing"
 (arXiv 2410.20305); this module implements it for TRL's collated batches and transformers' 4D masks.
 
+Two ways to apply the block mask:
+
+- Segment attention (models on `sdpa`): the trainer switches the model to `SEGMENT_ATTENTION`, an attention function
+  that runs sdpa unchanged for every ordinary call and, for a packed forward (which passes the row layout as
+  `selfplay_segments`), attends each row in pieces: `[prompt][chosen]` causally (`is_causal`, as an unshared row),
+  then each further `[p'][response]` block against the prompt minus its last token and itself. No L x L mask is
+  built and no masked-out block is computed, so the attention of a pair costs at most what its two unshared rows cost.
+- A 4D mask (`PackedPrompts.attention_mask`, models on `eager`): the whole L x L block of a row is computed.
+
 The result equals the unshared forward up to floating-point summation order (tested to 1e-5 in float32), for any
-mix of left/right padding and prompt lengths, provided the attention implementation applies the 4D mask as given
-(`sdpa`, `eager`) and every layer is full causal attention (a sliding window is applied by transformers from the 2D
-mask only). `SelfPlayTrainerBase` checks those conditions, and once per model that the packed forward of a small
-test batch reproduces the unshared one, and falls back to the unshared forward otherwise (with a log line).
+mix of left/right padding and prompt lengths, provided every layer is full causal attention (a sliding window is
+applied by transformers from the 2D mask only). `SelfPlayTrainerBase` checks those conditions, and once per model that
+the packed forward of a small test batch reproduces the unshared one, and falls back otherwise (with a log line):
+from segment attention to the 4D mask, from the mask to the unshared forward.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PREFIX_SHARING_MODES = ("auto", "on", "off")
-# Attention implementations that apply a custom 4D mask as given (transformers returns a 4D mask unchanged).
-MASK_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# The attention implementation the trainer registers and switches `sdpa` models to (see `use_segment_attention`).
+SEGMENT_ATTENTION = "trl_selfplay_sdpa"
+# Attention implementations that take the packed rows: a custom 4D mask as given (transformers returns a 4D mask
+# unchanged), or the row layout (segment attention).
+MASK_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", SEGMENT_ATTENTION)
+
+# One packed row for segment attention: (prefix, shared_end, blocks, length). Positions [0, shared_end) are the prompt
+# and the first response, attended causally; each block [start, end) is a copy p' and a further response, attending
+# to the first `prefix` positions (the prompt without its last token) and causally to itself; from `length` on, padding.
+RowSegments = tuple[int, int, tuple[tuple[int, int], ...], int]
 # The per-group tensors `pack_shared_prompt` reads.
 GROUP_KEYS = ("input_ids", "attention_mask", "completion_mask")
 
@@ -65,6 +87,8 @@ class PackedPrompts:
     # Token positions of the unshared tensors (sum over groups of N x T_g) and of the packed rows (N x L).
     unshared_positions: int
     packed_positions: int
+    # The row layout segment attention reads (`RowSegments` per row), as Python ints: read once per batch.
+    segments: tuple[RowSegments, ...] = ()
 
     @property
     def position_ratio(self) -> float:
@@ -192,6 +216,15 @@ def pack_shared_prompt(
         gather_index.append(torch.where(is_scored, flat, 0))
         gather_valid.append(is_scored)
 
+    blocks = torch.stack(
+        [torch.stack([offsets[g] - 1, offsets[g] + response_len[g]], -1) for g in range(1, len(groups))]
+    )
+    segments = tuple(
+        (prefix - 1, shared_end, tuple(map(tuple, row_blocks)), row_len)
+        for prefix, shared_end, row_blocks, row_len in zip(
+            prompt_len.tolist(), (offsets[1] - 1).tolist(), blocks.transpose(0, 1).tolist(), row_length.tolist()
+        )
+    )
     return PackedPrompts(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -201,6 +234,7 @@ def pack_shared_prompt(
         gather_valid=gather_valid,
         unshared_positions=sum(num_rows * grp["input_ids"].size(1) for grp in groups),
         packed_positions=num_rows * length,
+        segments=segments,
     )
 
 
@@ -229,3 +263,73 @@ def mask_support_reason(model) -> str | None:
     elif getattr(text_config, "sliding_window", None) is not None:
         return "the model uses sliding-window attention, which a custom 4D mask would turn into full attention"
     return None
+
+
+def segment_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    selfplay_segments: Sequence[RowSegments] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """An attention function for transformers' `AttentionInterface` (`SEGMENT_ATTENTION`): transformers' own sdpa
+    attention for every call without `selfplay_segments`; for a packed forward, each row attended in pieces (see the
+    module docstring), ignoring `attention_mask`. `query` is `[N, H, L, D]`, `key`/`value` `[N, H_kv, L, D]`; returns
+    `[N, L, H, D]` like sdpa, zero at padding positions."""
+    if selfplay_segments is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        raise ValueError("Segment attention supports neither softcapping nor a sliding window.")
+    sdpa = functools.partial(
+        F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling, enable_gqa=query.size(1) != key.size(1)
+    )
+    width = query.size(2)
+    rows = []
+    # `unbind` and `split` (not indexing) so the backward assembles each gradient once instead of zero-filling a
+    # full-size tensor per slice.
+    for segments, q, k, v in zip(selfplay_segments, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
+        prefix, shared_end, blocks, length = segments
+        sizes = [shared_end] + [end - start for start, end in blocks] + [width - length]
+        q_parts, k_parts, v_parts = (x.unsqueeze(0).split(sizes, dim=2) for x in (q, k, v))
+        parts = [sdpa(q_parts[0], k_parts[0], v_parts[0], is_causal=True)]
+        k_prefix, v_prefix = k_parts[0][:, :, :prefix], v_parts[0][:, :, :prefix]
+        for block_q, block_k, block_v in zip(q_parts[1:-1], k_parts[1:-1], v_parts[1:-1]):
+            size = block_q.size(2)
+            # Keys: the prompt without its last token (all visible), then the block itself (causal).
+            visible = torch.ones((size, prefix + size), dtype=torch.bool, device=query.device).tril(prefix)
+            block_keys, block_values = torch.cat([k_prefix, block_k], dim=2), torch.cat([v_prefix, block_v], dim=2)
+            parts.append(sdpa(block_q, block_keys, block_values, attn_mask=visible))
+        parts.append(torch.zeros_like(q_parts[-1]))  # padding (possibly empty)
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def use_segment_attention(model) -> bool:
+    """Switch `model` (an unwrapped causal LM) from `sdpa` to `SEGMENT_ATTENTION`, which runs sdpa unchanged for every
+    call but the packed forwards; True when the model now uses it. Models on another implementation, or whose code
+    does not dispatch attention through transformers' `AttentionInterface`, are left as they are. The switch is not
+    saved with the model (`config._attn_implementation` is not serialized)."""
+    config = model.config
+    if config._attn_implementation == SEGMENT_ATTENTION:
+        return True
+    if config._attn_implementation != "sdpa" or not model._can_set_attn_implementation():
+        return False
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    return config._attn_implementation == SEGMENT_ATTENTION
+
+
+def use_mask_attention(model) -> None:
+    """Undo `use_segment_attention`: back to `sdpa` (the 4D-mask path)."""
+    if model.config._attn_implementation == SEGMENT_ATTENTION:
+        model.set_attn_implementation("sdpa")
+
+
+# Registered by name (a new name: nothing else changes), so `attn_implementation="trl_selfplay_sdpa"` also loads.
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
