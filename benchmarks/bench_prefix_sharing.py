@@ -44,7 +44,7 @@ def _trainers(workload, model_dir: Path, steps: int):
     for mode in MODES:
         args = SPINConfig(
             **training_args(workload, f"prefix_sharing_{mode}", steps),
-            # The reference log-probs come from the paired precompute below.
+            # No reference pass at construction: it is timed below, paired; the steps read zero reference columns.
             precompute_ref_log_probs=False,
             prefix_sharing=mode,
         )
